@@ -1,0 +1,46 @@
+"""Machine-relative speed: the bf16 matrix-product peak of this machine, measured in the same run.
+
+Machines of one kind differ by up to 5x, so a bare tokens/s says little. Every speed this project
+reports is put beside the peak GFLOP/s of a dense matmul measured here, and the model's achieved
+GFLOP/s (2 x parameters x tokens / time, the standard forward-pass estimate) as a fraction of it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5,
+                       device: str = "cpu") -> float:
+    """Best-of-``repeats`` GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype``."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def forward_flops_per_token(model: torch.nn.Module) -> float:
+    """2 x non-embedding parameters (+ the unembedding): FLOPs of one token's forward pass."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        n += model.get_input_embeddings().weight.numel()
+    return 2.0 * n
+
+
+def throughput_report(tokens: int, seconds: float, model: torch.nn.Module, peak_gflops: float) -> dict[str, float]:
+    """tokens/s and achieved GFLOP/s as a fraction of the measured matmul peak."""
+    tps = tokens / seconds
+    achieved = tps * forward_flops_per_token(model) / 1e9
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tps, 2),
+            "achieved_gflops": round(achieved, 2), "peak_gflops": round(peak_gflops, 2),
+            "fraction_of_peak": round(achieved / peak_gflops, 4)}

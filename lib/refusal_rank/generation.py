@@ -1,0 +1,78 @@
+"""Batched greedy generation, with an optional nnsight intervention, and a resumable disk cache.
+
+Weight-edited models (ablation) generate through plain ``model.generate``: the edit is in the weights.
+Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
+finished batch is appended to a JSONL file keyed by everything that determines the output, so an
+interrupted run resumes at the next batch and a repeated run costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import ActAdd, Intervention, encode, length_batches
+from .models import ModelBundle
+
+
+def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int,
+                    intervention: Intervention) -> list[list[int]]:
+    enc = encode(bundle, prompts)
+    width = enc["input_ids"].shape[1]
+    if intervention is None:
+        out = bundle.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=bundle.tokenizer.pad_token_id)
+    elif isinstance(intervention, ActAdd):
+        lm, site_layer = bundle.lm, intervention.layer
+        res: list[Any] = []
+        with lm.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=bundle.tokenizer.pad_token_id) as tracer:
+            for _ in tracer.iter[0:max_new_tokens]:
+                site = lm.model.embed_tokens if site_layer == 0 else lm.model.layers[site_layer - 1]
+                site.output[:] += intervention.vector.to(site.output.dtype) * intervention.coeff
+            res.append(lm.generator.output.save())
+        out = res[0]
+    else:
+        raise TypeError("generate ablations through weight edits (refusal_rank.ablation.orthogonalized)")
+    eos = {bundle.tokenizer.eos_token_id, bundle.tokenizer.pad_token_id}
+    eos |= set(bundle.model.generation_config.eos_token_id or []) if isinstance(
+        bundle.model.generation_config.eos_token_id, list) else {bundle.model.generation_config.eos_token_id}
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def cache_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+             intervention: Intervention = None, cache_file: Path | None = None,
+             desc: str = "generate") -> list[dict[str, Any]]:
+    """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given."""
+    done: dict[int, dict[str, Any]] = {}
+    if cache_file is not None and cache_file.is_file():
+        for line in cache_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+            done[row["i"]] = row
+    todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
+    for idx in tqdm(todo, desc=desc, leave=False):
+        ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention)
+        new = [{"i": i, "ids": r, "text": bundle.tokenizer.decode(r, skip_special_tokens=True)} for i, r in zip(idx, ids)]
+        for row in new:
+            done[row["i"]] = row
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            with cache_file.open("a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in new))
+    return [{"text": done[i]["text"], "ids": done[i]["ids"]} for i in range(len(prompts))]

@@ -1,0 +1,95 @@
+"""Where a run's outputs go: ``results/<profile>/summary.json`` (committed), figures, and the run cache.
+
+``summary.json`` follows the results contract of METHOD.md; each notebook merges its own keys into it
+(read, update, write atomically), so notebooks can run in any order after their inputs exist and a
+rerun of one notebook replaces only its part. Small tensors a later notebook needs (the selected
+direction) are saved next to the summary; bulky intermediates (activations, completions) go to the
+ignored ``cache/<profile>/`` folder of the repository.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import REPO_ROOT, figures_dir, results_dir
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def summary_path(profile: str) -> Path:
+    return results_dir(profile) / "summary.json"
+
+
+def read_summary(profile: str) -> dict[str, Any]:
+    p = summary_path(profile)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def update_summary(cfg: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """Merge ``sections`` into the profile's summary.json (nested dicts merge; other values replace)."""
+    profile = cfg["profile"]
+    summary = read_summary(profile)
+    summary.update({"profile": profile, "model": cfg["model"]["name"], "commit": git_commit(),
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    _merge(summary, json.loads(json.dumps(sections, default=_jsonable)))
+    p = summary_path(profile)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+    return summary
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def save_artifact(cfg: dict[str, Any], name: str, obj: Any) -> Path:
+    """Save a small object (``torch.save``) beside the summary, e.g. the selected direction."""
+    p = results_dir(cfg["profile"]) / name
+    torch.save(obj, p)
+    return p
+
+
+def load_artifact(cfg: dict[str, Any], name: str, produced_by: str) -> Any:
+    p = results_dir(cfg["profile"]) / name
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run notebook {produced_by} for profile {cfg['profile']!r} first.")
+    return torch.load(p, weights_only=False)
+
+
+def run_cache(cfg: dict[str, Any], *parts: str) -> Path:
+    """An ignored per-profile cache folder (``cache/<profile>/...``)."""
+    d = REPO_ROOT / "cache" / cfg["profile"]
+    for part in parts:
+        d = d / part
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def figure_path(cfg: dict[str, Any], name: str) -> Path:
+    return figures_dir(cfg["profile"]) / name
