@@ -10,6 +10,7 @@ unembedding *reads* the stream and must stay as it was. Edits are computed in fl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,10 +82,14 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
         if lin.bias is not None:
             params.append(lin.bias)
     saved = [p.detach().clone() for p in params]
+    previous = bundle.edit
+    digest = hashlib.sha256(basis.detach().double().cpu().numpy().tobytes()).hexdigest()[:12]
     try:
         orthogonalize_weights(model, basis)
+        bundle.edit = f"{previous}+orth{basis.shape[1]}:{digest}"
         yield bundle
     finally:
+        bundle.edit = previous
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)

@@ -61,10 +61,17 @@ def select_direction(dirs: torch.Tensor, candidates: Sequence[tuple[int, int]],
     (induced refusal score on harmless val). When no candidate passes within ``max_checks``, the
     fallback is the checked candidate with the lowest refusal score + KL (``fallback=True``).
     """
+    # at layer 0 every post-instruction position holds the same token for every prompt: the difference
+    # in means is exactly zero there and has no direction; such candidates are skipped
+    max_norm = max(dirs[l, p].norm().item() for l, p in candidates)
+    candidates = [(l, p) for l, p in candidates if dirs[l, p].norm().item() > 1e-6 * max_norm]
     scores: dict[tuple[int, int], float] = {}
     for l, p in tqdm(candidates, desc="ablation score per candidate", disable=not progress, leave=False):
         v = dirs[l, p]
         scores[(l, p)] = ablation_score(v / v.norm())
+    bad = [c for c, v in scores.items() if v != v]
+    if bad:
+        raise FloatingPointError(f"refusal score is NaN for candidates {bad[:3]}: check the model's dtype and inputs")
     order = sorted(candidates, key=lambda c: scores[c])
     checked: list[dict[str, float]] = []
     for l, p in order[:max_checks]:

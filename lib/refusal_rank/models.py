@@ -50,6 +50,7 @@ class ModelBundle:
     n_post: int  # number of post-instruction token positions of the chat template
     refusal_token_ids: list[int]
     post_tokens: list[str] = field(default_factory=list)
+    edit: str = ""  # tag of a weight edit currently applied (part of every cache key)
     _nnsight: Any = None
 
     @property

@@ -52,12 +52,23 @@ def update_summary(cfg: dict[str, Any], **sections: Any) -> dict[str, Any]:
     summary = read_summary(profile)
     summary.update({"profile": profile, "model": cfg["model"]["name"], "commit": git_commit(),
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    _merge(summary, json.loads(json.dumps(sections, default=_jsonable)))
+    _merge(summary, _finite(json.loads(json.dumps(sections, default=_jsonable))))
     p = summary_path(profile)
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, p)
     return summary
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf become null: summary.json stays strict JSON."""
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,0 +1,252 @@
+"""The steps of notebooks 01-02 as functions a test can call; the notebooks only tell the story.
+
+Every expensive result is cached under ``cache/<profile>/`` with a key built from the model, the
+prompts and the knobs that determine it, so a rerun after an interruption resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import data as D
+from .activations import Ablation, ActAdd, Intervention, collect_residuals, completion_ce, last_token_logprobs
+from .directions import Selection, candidate_grid, select_direction
+from .generation import cache_key, generate
+from .metrics import kl_rows, mean_with_ci, point_biserial, rate_with_ci, refusal_labels, refusal_score
+from .models import ModelBundle
+from .results import run_cache
+
+
+def model_tag(cfg: dict[str, Any], bundle: ModelBundle) -> str:
+    """Identity of a model for cache keys: the profile's model, the bundle's name and any weight edit."""
+    m = cfg["model"]
+    return f"{m['name']}:{m.get('gguf_sha256', m.get('hub_id', m['source']))[:12]}:{bundle.name}:{bundle.edit}"
+
+
+def tensor_tag(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().double().cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+def _cached_tensor(path: Path, fn) -> Any:
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception:  # a file cut by an interruption: recompute
+            path.unlink()
+    value = fn()
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def logprobs_cached(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Intervention = None,
+                    tag: str = "", desc: str = "logits") -> torch.Tensor:
+    """Last-position log-probs, cached by model, prompts and intervention tag."""
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag)
+    path = run_cache(cfg, "logprobs") / f"{key}.pt"
+    bs = cfg["eval"]["fwd_batch_size"]
+    return _cached_tensor(path, lambda: last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc))
+
+
+def scores_cached(cfg, bundle, prompts, intervention: Intervention = None, tag: str = "", desc: str = "scores") -> torch.Tensor:
+    """Refusal scores (n,) of prompts, cached (stores only the scores, not the vocabulary)."""
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag, "score")
+    path = run_cache(cfg, "scores") / f"{key}.pt"
+    bs = cfg["eval"]["fwd_batch_size"]
+    return _cached_tensor(path, lambda: refusal_score(
+        last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc), bundle.refusal_token_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 01
+
+
+@dataclass
+class TrainVal:
+    harmful_train: list[D.Prompt]
+    harmless_train: list[D.Prompt]
+    harmful_val: list[D.Prompt]
+    harmless_val: list[D.Prompt]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle) -> TrainVal:
+    """Train/val prompts, keeping (as Arditi et al.) harmful ones the model refuses (score > 0) and
+    harmless ones it does not (score < 0), when the profile asks for it."""
+    d, seed = cfg["data"], cfg["seed"]
+    pools = {
+        "harmful_train": D.split_prompts("harmful_train", d["train_pool"], seed),
+        "harmless_train": D.split_prompts("harmless_train", d["train_pool"], seed),
+        "harmful_val": D.split_prompts("harmful_val", d["val_pool"], seed),
+        "harmless_val": D.split_prompts("harmless_val", d["val_pool"], seed),
+    }
+    want = {"harmful_train": d["n_train"], "harmless_train": d["n_train"], "harmful_val": d["n_val"], "harmless_val": d["n_val"]}
+    out, report = {}, {}
+    for name, pool in pools.items():
+        if d["filter_by_refusal"]:
+            s = scores_cached(cfg, bundle, pool, desc=f"filter {name}")
+            keep = [p for p, v in zip(pool, s.tolist()) if (v > 0) == name.startswith("harmful")]
+        else:
+            keep = list(pool)
+        if len(keep) < min(want[name], d.get("min_keep", 1)) or not keep:
+            raise D.DataError(f"Only {len(keep)} of {len(pool)} {name} prompts pass the refusal filter: "
+                              f"raise data.train_pool/val_pool or lower data.n_train/n_val in {cfg['_path']}.")
+        out[name] = keep[:want[name]]
+        report[name] = {"pool": len(pool), "kept": len(keep), "used": len(out[name])}
+    return TrainVal(**out, report=report)
+
+
+def mean_residuals(cfg, bundle, prompts: Sequence[D.Prompt], desc: str) -> torch.Tensor:
+    """Float64 mean block-input residual (layers, n_post, d) over prompts, cached."""
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], "mean-resid", bundle.n_post)
+    path = run_cache(cfg, "acts") / f"{key}.pt"
+
+    def compute():
+        acts = collect_residuals(bundle, [p.text for p in prompts], cfg["eval"]["fwd_batch_size"], desc=desc)
+        return acts.double().mean(0)
+
+    return _cached_tensor(path, compute)
+
+
+def direction_candidates(cfg, bundle) -> list[tuple[int, int]]:
+    dc = cfg["directions"]
+    return candidate_grid(bundle.n_layers, bundle.n_post, dc["drop_last_frac"], dc["layer_stride"], dc.get("positions") or None)
+
+
+def discover_direction(cfg: dict[str, Any], bundle: ModelBundle, tv: TrainVal) -> tuple[Selection, torch.Tensor]:
+    """Difference-in-means candidates and Arditi et al.'s selection; returns (selection, all directions)."""
+    dirs = (mean_residuals(cfg, bundle, tv.harmful_train, "harmful train acts")
+            - mean_residuals(cfg, bundle, tv.harmless_train, "harmless train acts"))
+    base_lp = logprobs_cached(cfg, bundle, tv.harmless_val, desc="base harmless val")
+
+    def ablation_score(u: torch.Tensor) -> float:
+        return scores_cached(cfg, bundle, tv.harmful_val, Ablation(u[:, None]), tag=f"abl:{tensor_tag(u)}",
+                             desc="ablate").mean().item()
+
+    def kl_under(u: torch.Tensor) -> float:
+        lp = logprobs_cached(cfg, bundle, tv.harmless_val, Ablation(u[:, None]), tag=f"abl:{tensor_tag(u)}", desc="KL")
+        return kl_rows(base_lp, lp).mean().item()
+
+    def induce(layer: int, v: torch.Tensor) -> float:
+        return scores_cached(cfg, bundle, tv.harmless_val, ActAdd(layer, v), tag=f"add:{layer}:{tensor_tag(v)}",
+                             desc="induce").mean().item()
+
+    dc = cfg["directions"]
+    sel = select_direction(dirs, direction_candidates(cfg, bundle), ablation_score, kl_under, induce,
+                           max_kl=dc["max_kl"], max_checks=dc["max_checks"])
+    return sel, dirs
+
+
+def forward_throughput(cfg, bundle, prompts: Sequence[D.Prompt]) -> dict[str, float]:
+    """Tokens/s of one batched forward pass with every layer's residual read, beside the bf16 matmul peak."""
+    from .activations import encode
+    from .bench import matmul_peak_gflops, throughput_report
+
+    texts = [p.text for p in prompts]
+    n_tok = int(encode(bundle, texts)["attention_mask"].sum())
+    t = time.perf_counter()
+    collect_residuals(bundle, texts, cfg["eval"]["fwd_batch_size"], desc="throughput")
+    dt = time.perf_counter() - t
+    peak = matmul_peak_gflops(torch.bfloat16, device=str(bundle.device))
+    return throughput_report(n_tok, dt, bundle.model, peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 02
+
+
+@dataclass
+class TestSets:
+    harmful: list[D.Prompt]
+    harmless: list[D.Prompt]
+    overrefusal: list[D.Prompt]
+
+    def items(self):
+        return {"harmful": self.harmful, "harmless": self.harmless, "overrefusal": self.overrefusal}.items()
+
+
+def test_sets(cfg: dict[str, Any]) -> TestSets:
+    d, seed = cfg["data"], cfg["seed"]
+    return TestSets(
+        harmful=D.split_prompts("harmful_test", d["n_test_harmful_per_source"], seed, per_source=True),
+        harmless=D.split_prompts("harmless_test", d["n_test_harmless"], seed),
+        overrefusal=D.split_prompts("overrefusal_test", d["n_test_overrefusal"], seed),
+    )
+
+
+def completions(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Intervention = None,
+                desc: str = "generate") -> list[dict[str, Any]]:
+    """Greedy completions of the bundle (with any weight edit applied), resumable."""
+    e = cfg["eval"]
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], e["max_new_tokens"],
+                    str(type(intervention).__name__), tensor_tag(intervention.vector) if isinstance(intervention, ActAdd) else "",
+                    getattr(intervention, "layer", ""))
+    return generate(bundle, [p.text for p in prompts], e["max_new_tokens"], e["gen_batch_size"], intervention,
+                    cache_file=run_cache(cfg, "gen") / f"{key}.jsonl", desc=desc)
+
+
+def rates_by_source(cfg, prompts: Sequence[D.Prompt], comps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Refusal rate with CI over all prompts and per source."""
+    e = cfg["eval"]
+    labels = refusal_labels([c["text"] for c in comps])
+    out = rate_with_ci(labels, e["n_boot"], cfg["seed"])
+    sources = sorted({p.source for p in prompts})
+    if len(sources) > 1:
+        out["by_source"] = {s: rate_with_ci([l for p, l in zip(prompts, labels) if p.source == s], e["n_boot"], cfg["seed"])
+                            for s in sources}
+    return out
+
+
+def evaluate_model(cfg, bundle, sets: TestSets, base_harmless: list[dict[str, Any]] | None,
+                   base_lp_harmless: torch.Tensor | None, label: str = "base") -> dict[str, Any]:
+    """Refusal rates on the three test sets, and (against the original) first-token KL and CE on harmless."""
+    e = cfg["eval"]
+    res: dict[str, Any] = {"completions": {}}
+    for name, prompts in sets.items():
+        comps = completions(cfg, bundle, prompts, desc=f"{label} {name}")
+        res["completions"][name] = comps
+        res[f"refusal_rate_{name if name != 'overrefusal' else 'over'}"] = rates_by_source(cfg, prompts, comps)
+    res["overrefusal_rate"] = res.pop("refusal_rate_over")
+    if base_lp_harmless is not None:
+        lp = logprobs_cached(cfg, bundle, sets.harmless, desc="KL harmless")
+        res["kl_harmless"] = mean_with_ci(kl_rows(base_lp_harmless, lp).tolist(), e["n_boot"], cfg["seed"])
+    if base_harmless is not None:
+        res["ce_harmless"] = round(completion_ce(bundle, [p.text for p in sets.harmless], [c["ids"] for c in base_harmless],
+                                                 e["fwd_batch_size"]), 5)
+    return res
+
+
+def timed() -> float:
+    return time.perf_counter()
+
+
+def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], out_dir: Path) -> dict[str, Any]:
+    """Export the orthogonalised model, reload it with plain ``from_pretrained`` and compare its
+    last-token log-probs with run-time ablation through nnsight on the original weights."""
+    from transformers import AutoModelForCausalLM
+
+    from .ablation import export_orthogonalized
+    from .models import ModelBundle
+
+    export_orthogonalized(bundle, basis, out_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=bundle.dtype).to(bundle.device).eval()
+    rb = ModelBundle(reloaded, bundle.tokenizer, bundle.name + "-export", bundle.n_layers, bundle.d_model,
+                     bundle.n_post, bundle.refusal_token_ids, bundle.post_tokens)
+    texts = [p.text for p in prompts]
+    bs = cfg["eval"]["fwd_batch_size"]
+    lp_export = last_token_logprobs(rb, texts, bs, desc="export")
+    lp_runtime = last_token_logprobs(bundle, texts, bs, Ablation(basis), desc="runtime")
+    del reloaded, rb
+    return {"path": str(out_dir), "max_abs_logprob_diff": round((lp_export - lp_runtime).abs().max().item(), 5),
+            "kl_runtime_vs_export": round(kl_rows(lp_runtime, lp_export).mean().item(), 6), "n": len(texts)}
+
+
+def correlation_report(scores: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    return {"point_biserial": round(point_biserial(scores, labels), 4), "n": len(labels)}
