@@ -1,0 +1,139 @@
+"""Notebook 03's steps: train each variant once (resumable), export it, load it, evaluate it.
+
+A trained variant is identified by the profile's model, the defense config (shared training knobs and
+the variant's own weights) and the training prompts; its checkpoints and merged export live under
+``cache/<profile>/defense/<variant>-<key>/``. A finished export (verified by its manifest) is reused, an
+interrupted run resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as D
+from .generation import cache_key
+from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, verify_manifest, write_manifest
+from .results import run_cache
+from .training import TeacherCache, TrainState, Variant, attach_lora, teacher_cache, train
+
+
+def defense_prompts(cfg: dict[str, Any]) -> tuple[list[D.Prompt], list[D.Prompt]]:
+    n = cfg["defense"]["n_train_per_class"]
+    return (D.split_prompts("harmful_train", n, cfg["seed"]), D.split_prompts("harmless_train", n, cfg["seed"]))
+
+
+def defense_layers(cfg: dict[str, Any], n_layers: int) -> list[int]:
+    return list(cfg["defense"].get("layers") or range(n_layers))
+
+
+def variant_dir(cfg: dict[str, Any], name: str) -> Path:
+    harm, ok = defense_prompts(cfg)
+    dc = cfg["defense"]
+    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k != "variants"}, dc["variants"][name],
+                    [p.id for p in harm + ok])
+    return run_cache(cfg, "defense", f"{name}-{key}")
+
+
+def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int]) -> TeacherCache:
+    key = cache_key(cfg["model"], texts, layers, bundle.n_post)
+    path = run_cache(cfg, "teacher") / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception:
+            path.unlink()
+    tc = teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"])
+    torch.save(tc, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return tc
+
+
+def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print) -> dict[str, Any]:
+    """Train (or resume, or reuse) one variant; returns its training record (history, evals, time)."""
+    out = variant_dir(cfg, name)
+    export = out / "merged"
+    record_path = out / "record.json"
+    if export.is_dir() and verify_manifest(export) and record_path.is_file():
+        return json.loads(record_path.read_text())
+    bundle = bundle_from_pretrained(checkpoint_dir(cfg, log=log), cfg, name=f"{name}-student")
+    harm, ok = defense_prompts(cfg)
+    layers = defense_layers(cfg, bundle.n_layers)
+    teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers)
+    dc = cfg["defense"]
+    if dc["method"] == "lora":
+        peft_model = attach_lora(bundle.model, dc["lora"], cfg["seed"])
+        bundle._nnsight = None  # rebuild the nnsight wrapper over the adapted modules
+    elif dc["method"] == "full":
+        peft_model = None
+        bundle.model.requires_grad_(True)
+        bundle.model.get_input_embeddings().requires_grad_(False)
+    else:
+        raise ValueError(f"defense.method must be 'lora' or 'full', not {dc['method']!r}")
+    variant = Variant.from_cfg(name, dc["variants"][name])
+    evaluate = evaluate_factory(bundle) if evaluate_factory else None
+    state: TrainState = train(bundle, variant, dc["train"], [p.text for p in harm], [p.text for p in ok], teacher,
+                              layers, out / "ckpt.pt", evaluate=evaluate, log=log)
+    model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
+    model.requires_grad_(False)
+    tmp = out / "merged.partial"
+    model.save_pretrained(tmp)
+    bundle.tokenizer.save_pretrained(tmp)
+    write_manifest(tmp)
+    tmp.rename(export)
+    record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
+              "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals}
+    record_path.write_text(json.dumps(record))
+    return record
+
+
+def load_variant(cfg: dict[str, Any], name: str) -> ModelBundle:
+    export = variant_dir(cfg, name) / "merged"
+    if not (export.is_dir() and verify_manifest(export)):
+        raise FileNotFoundError(f"variant {name!r} has no verified export in {export}: train it first (notebook 03).")
+    return bundle_from_pretrained(str(export), cfg, name=name)
+
+
+def periodic_eval(cfg: dict[str, Any], tv, base_lp_harmless_val: torch.Tensor):
+    """Factory for the callback run every ``eval_every`` steps on val: harmful refusal score, harmless
+    first-token KL against the original, and the strongest K=1 attack over a coarse candidate grid
+    (difference in means of the *current* weights; the lowest ablated harmful refusal score)."""
+    from .activations import Ablation, collect_residuals, last_token_logprobs
+    from .directions import candidate_grid
+    from .metrics import kl_rows, refusal_score
+
+    ec = cfg["defense"]["eval"]
+
+    def factory(bundle: ModelBundle):
+        bs = cfg["eval"]["fwd_batch_size"]
+        harm_val = [p.text for p in tv.harmful_val]
+        ok_val = [p.text for p in tv.harmless_val]
+        harm_tr = [p.text for p in tv.harmful_train[:ec["n_dim_prompts"]]]
+        ok_tr = [p.text for p in tv.harmless_train[:ec["n_dim_prompts"]]]
+
+        def evaluate(step: int) -> dict[str, Any]:
+            with torch.no_grad():
+                s = refusal_score(last_token_logprobs(bundle, harm_val, bs, desc="val"), bundle.refusal_token_ids)
+                kl = kl_rows(base_lp_harmless_val, last_token_logprobs(bundle, ok_val, bs, desc="val")).mean().item()
+                grid = candidate_grid(bundle.n_layers, bundle.n_post, cfg["directions"]["drop_last_frac"], ec["layer_stride"],
+                                      ec.get("positions") or None)
+                layers = sorted({l for l, _ in grid})
+                h = collect_residuals(bundle, harm_tr, bs, layers=layers, desc="dim").double().mean(0)
+                o = collect_residuals(bundle, ok_tr, bs, layers=layers, desc="dim").double().mean(0)
+                best = (float("inf"), None)
+                for l, p in grid:
+                    v = h[layers.index(l), p] - o[layers.index(l), p]
+                    if v.norm() < 1e-6:
+                        continue
+                    u = (v / v.norm())[:, None]
+                    sc = refusal_score(last_token_logprobs(bundle, harm_val, bs, Ablation(u), desc="k1"),
+                                       bundle.refusal_token_ids).mean().item()
+                    best = min(best, (sc, (l, p)), key=lambda t: t[0])
+            return {"val_refusal_score": round(s.mean().item(), 4), "val_kl_harmless": round(kl, 5),
+                    "k1_best_ablated_score": round(best[0], 4), "k1_best_candidate": best[1]}
+
+        return evaluate
+
+    return factory

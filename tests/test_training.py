@@ -1,0 +1,71 @@
+"""The training loop on the tiny model: every variant runs, resuming gives the same weights, NaN stops."""
+import copy
+
+import pytest
+import torch
+
+from refusal_rank import data as D
+from refusal_rank.models import bundle_from_pretrained, checkpoint_dir
+from refusal_rank.training import (TrainingDiverged, Variant, attach_lora, batch_indices, teacher_cache, train,
+                                   trainable_state)
+
+
+def _setup(cfg):
+    b = bundle_from_pretrained(checkpoint_dir(cfg, log=lambda *_: None), cfg)
+    harm = [p.text for p in D.split_prompts("harmful_train", 12, 0)]
+    ok = [p.text for p in D.split_prompts("harmless_train", 12, 0)]
+    layers = list(range(b.n_layers))
+    teacher = teacher_cache(b, harm + ok, layers, 8)
+    peft_model = attach_lora(b.model, cfg["defense"]["lora"], seed=0)
+    b._nnsight = None
+    return b, peft_model, harm, ok, layers, teacher
+
+
+def test_batches_are_balanced_and_a_function_of_step():
+    h, o = batch_indices(3, 0, 10, 7, 4)
+    assert len(h) == len(o) == 4 and all(0 <= i < 10 for i in h) and all(0 <= i < 7 for i in o)
+    assert batch_indices(3, 0, 10, 7, 4) == (h, o)
+    # one epoch covers every example once
+    seen = [i for s in range(5) for i in batch_indices(s, 0, 10, 7, 2)[0]]
+    assert sorted(seen) == list(range(10))
+
+
+@pytest.mark.parametrize("name", ["defended", "kl_only", "ablation_aware"])
+def test_every_variant_trains(tiny_cfg, tmp_path, name):
+    b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    before = trainable_state(b.model)
+    v = Variant.from_cfg(name, tiny_cfg["defense"]["variants"][name])
+    state = train(b, v, tiny_cfg["defense"]["train"], harm, ok, teacher, layers, tmp_path / "ck.pt", log=lambda *_: None)
+    assert state.step == tiny_cfg["defense"]["train"]["steps"]
+    terms = set(state.history[-1])
+    assert {"lm", "kd"} <= terms and (("cov" in terms) == (v.lambda_cov > 0)) and (("abl" in terms) == (v.lambda_abl > 0))
+    after = trainable_state(b.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if v.lambda_cov:
+        assert all(h["cov"] > 0 for h in state.history)
+
+
+def test_resume_gives_the_same_weights(tiny_cfg, tmp_path):
+    v = Variant.from_cfg("ablation_aware", tiny_cfg["defense"]["variants"]["ablation_aware"])
+    tcfg = tiny_cfg["defense"]["train"]
+    b1, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    train(b1, v, tcfg, harm, ok, teacher, layers, tmp_path / "a.pt", log=lambda *_: None)
+    full = trainable_state(b1.model)
+    b2, _, *_ = _setup(tiny_cfg)
+    s = train(b2, v, tcfg, harm, ok, teacher, layers, tmp_path / "b.pt", stop_after=2, log=lambda *_: None)
+    assert s.step == 2
+    b3, _, *_ = _setup(tiny_cfg)  # a fresh process: new model, resumes from the checkpoint
+    s = train(b3, v, tcfg, harm, ok, teacher, layers, tmp_path / "b.pt", log=lambda *_: None)
+    assert s.step == tcfg["steps"]
+    resumed = trainable_state(b3.model)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_nan_loss_stops_with_clear_message(tiny_cfg, tmp_path):
+    b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    bad = copy.deepcopy(teacher)
+    bad.logits[:] = float("nan")
+    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
+    with pytest.raises(TrainingDiverged, match="training stopped.*last checkpoint"):
+        train(b, v, tiny_cfg["defense"]["train"], harm, ok, bad, layers, tmp_path / "c.pt", log=lambda *_: None)
