@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Run the notebook series with papermill for one profile and regenerate every figure.
-#   ./run_all.sh [--profile NAME] [--from NN] [--only NN] [--fresh]
+#   ./run_all.sh [--profile NAME] [--from NN] [--to NN] [--only NN] [--fresh]
 # Profiles: tiny, cpu (default), cpu-small, paper. Executed notebooks go to runs/<profile>/,
 # results to results/<profile>/summary.json, figures to figures/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-PROFILE="${REFUSAL_RANK_PROFILE:-cpu}"; FROM=""; ONLY=""; FRESH=0
+PROFILE="${REFUSAL_RANK_PROFILE:-cpu}"; FROM=""; TO=""; ONLY=""; FRESH=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE="$2"; shift 2;;
     --profile=*) PROFILE="${1#*=}"; shift;;
     --from) FROM="$2"; shift 2;;
+    --to) TO="$2"; shift 2;;
     --only) ONLY="$2"; shift 2;;
     --fresh) FRESH=1; shift;;
     -h|--help) sed -n '2,6p' "$0"; exit 0;;
@@ -30,6 +31,7 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb" .ipynb); num=${name%%_*}
   if [ -n "$ONLY" ] && [ "$num" != "$ONLY" ]; then continue; fi
   if [ -n "$FROM" ] && [ "$num" \< "$FROM" ]; then continue; fi
+  if [ -n "$TO" ] && [ "$num" \> "$TO" ]; then continue; fi
   echo "== $name ($PROFILE)"
   if ! .venv/bin/papermill "$nb" "runs/$PROFILE/$name.ipynb" -p profile "$PROFILE" --cwd notebooks \
        --log-output --progress-bar --no-report-mode 2> >(grep -v "TCP without encryption" >&2); then

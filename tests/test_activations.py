@@ -27,3 +27,20 @@ def test_post_instruction_positions_from_template(tiny):
     assert tiny.post_tokens == ["<|end|>", "\n", "<|assistant|>", "\n"]
     assert tiny.n_post == 4
     assert len(tiny.refusal_token_ids) >= 1
+
+
+def test_completion_ce_matches_direct_computation(tiny, prompts):
+    from refusal_rank.activations import chat_texts, completion_ce
+
+    comps = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    got = completion_ce(tiny, prompts, comps, batch_size=3, chunk=2)
+    total, count = 0.0, 0
+    for text, c in zip(chat_texts(tiny.tokenizer, prompts), comps):
+        p = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logits = tiny.model(input_ids=ids).logits[0].float()
+        lp = torch.log_softmax(logits[len(p) - 1:-1], -1)
+        total -= lp[torch.arange(len(c)), torch.tensor(c)].sum().item()
+        count += len(c)
+    assert abs(got - total / count) < 1e-4

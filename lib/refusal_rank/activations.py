@@ -139,7 +139,7 @@ def last_token_logprobs(bundle: ModelBundle, prompts: Sequence[str], batch_size:
 
 @torch.inference_mode()
 def completion_ce(bundle: ModelBundle, prompts: Sequence[str], completions: Sequence[list[int]],
-                  batch_size: int, intervention: Intervention = None, desc: str = "CE") -> float:
+                  batch_size: int, intervention: Intervention = None, desc: str = "CE", chunk: int = 512) -> float:
     """Mean per-token cross-entropy of the model on given completion token ids (teacher forcing)."""
     lm = bundle.lm
     tok = bundle.tokenizer
@@ -158,13 +158,18 @@ def completion_ce(bundle: ModelBundle, prompts: Sequence[str], completions: Sequ
         mask = torch.tensor([[0] * (width - len(m)) + m for m in comp_mask])
         enc = {"input_ids": input_ids.to(bundle.device), "attention_mask": attn.to(bundle.device)}
         saved: list[Any] = []
-        with lm.trace(enc):
+        with lm.trace(enc) as tracer:
             run_interventions(lm, intervention, bundle.n_layers)
-            saved.append(lm.lm_head.output.save())
-        logits = saved[0].float().cpu()[:, :-1]
-        target = input_ids[:, 1:]
+            saved.append(lm.model.norm.output.save())
+            tracer.stop()
+        # unembed only the positions that predict a completion token (not the prompt), in chunks:
+        # full-sequence logits in float32 would be batch x length x vocab (GBs for a 150k vocabulary)
         m = mask[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-        total += nll[m.reshape(-1)].sum().item()
+        hidden = saved[0][:, :-1][m.to(saved[0].device)]
+        target = input_ids[:, 1:][m].to(hidden.device)
+        head = bundle.model.get_output_embeddings()
+        for c in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[c:c + chunk].contiguous()).float()
+            total += torch.nn.functional.cross_entropy(logits, target[c:c + chunk], reduction="sum").item()
         count += int(m.sum())
     return total / max(count, 1) if count else math.nan

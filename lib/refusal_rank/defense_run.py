@@ -93,7 +93,7 @@ def load_variant(cfg: dict[str, Any], name: str) -> ModelBundle:
     export = variant_dir(cfg, name) / "merged"
     if not (export.is_dir() and verify_manifest(export)):
         raise FileNotFoundError(f"variant {name!r} has no verified export in {export}: train it first (notebook 03).")
-    return bundle_from_pretrained(str(export), cfg, name=name)
+    return bundle_from_pretrained(str(export), cfg, name=f"{name}-{variant_dir(cfg, name).name}")
 
 
 def periodic_eval(cfg: dict[str, Any], tv, base_lp_harmless_val: torch.Tensor):

@@ -29,7 +29,9 @@ def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens:
     elif isinstance(intervention, ActAdd):
         lm, site_layer = bundle.lm, intervention.layer
         res: list[Any] = []
-        with lm.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
+        # min_new_tokens: nnsight runs code after the step loop only if every step happens, so the
+        # generation must not stop early at EOS (completions are cut at EOS below, as for plain generate)
+        with lm.generate(enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=bundle.tokenizer.pad_token_id) as tracer:
             for _ in tracer.iter[0:max_new_tokens]:
                 site = lm.model.embed_tokens if site_layer == 0 else lm.model.layers[site_layer - 1]
@@ -59,12 +61,16 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
     """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given."""
     done: dict[int, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():
-        for line in cache_file.read_text().splitlines():
+        lines = cache_file.read_text().splitlines()
+        for line in lines:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by an interruption
                 continue
             done[row["i"]] = row
+        if len(done) != len(lines) or not cache_file.read_text().endswith("\n"):
+            # rewrite without the cut line, so later appends start on a fresh line
+            cache_file.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
     for idx in tqdm(todo, desc=desc, leave=False):
         ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention)

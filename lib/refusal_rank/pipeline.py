@@ -250,3 +250,17 @@ def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], 
 
 def correlation_report(scores: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
     return {"point_biserial": round(point_biserial(scores, labels), 4), "n": len(labels)}
+
+
+def reselected_k1(cfg: dict[str, Any], bundle: ModelBundle, sets: TestSets) -> dict[str, Any]:
+    """Notebook 01's procedure re-run on ``bundle``'s own weights (the attacker holds them), then the
+    K=1 weight edit scored on the harmful test set."""
+    from .ablation import orthogonalized
+
+    tv = filtered_train_val(cfg, bundle)
+    sel, _ = discover_direction(cfg, bundle, tv)
+    with orthogonalized(bundle, sel.unit[:, None]):
+        comps = completions(cfg, bundle, sets.harmful, desc=f"{bundle.name} K=1")
+    return {"refusal_rate_harmful": rates_by_source(cfg, sets.harmful, comps),
+            "direction": {"layer": sel.layer, "position": sel.position, "fallback": sel.fallback,
+                          "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5)}}

@@ -52,7 +52,9 @@ pd.DataFrame(tv.report).T
 sel, dirs = P.discover_direction(cfg, bundle, tv)
 stride = cfg["directions"]["layer_stride"]
 note = f"\n(CPU grid: every {stride}nd layer, blank = not a candidate)" if stride > 1 else ""
-fig = plotting.score_heatmap(sel.scores, bundle.n_layers, bundle.post_tokens, (sel.layer, sel.position), len(tv.harmful_val), note)
+max_layer = int(bundle.n_layers * (1 - cfg["directions"]["drop_last_frac"]))
+fig = plotting.score_heatmap(sel.scores, bundle.n_layers, bundle.post_tokens, (sel.layer, sel.position),
+                             len(tv.harmful_val), note, max_layer)
 plotting.save(fig, cfg, "01_2_refusal_score_heatmap")
 
 # %%

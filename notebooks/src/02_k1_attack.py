@@ -113,6 +113,17 @@ corr = P.correlation_report(scores, labels)
 corr
 
 # %% [markdown]
+# Markers can mislead, so the judge is checked against completions labelled by reading them
+# (`data/judge_labels.jsonl`: original and K=1-ablated models, harmful, harmless and over-refusal prompts,
+# each with a one-line reason). Refusal is the positive class; the disagreements are listed.
+
+# %%
+from refusal_rank.judge import judge_report
+
+judge = judge_report()
+{k: v for k, v in judge.items() if k != "disagreements"}, pd.DataFrame(judge["disagreements"]) if judge["n"] else None
+
+# %% [markdown]
 # ## 6 · Examples, side by side
 
 # %%
@@ -134,6 +145,7 @@ update_summary(cfg,
                attack_k1={**strip(k1), "export_check": check},
                actadd=actadd, actsub=actsub,
                refusal_score_vs_rate=corr,
+               judge=judge,
                examples_02={"harmful": ex_harm.to_dict("records"), "harmless": ex_harmless.to_dict("records")},
                timings_s={"02_k1_attack": round(time.perf_counter() - t0, 1)})
 print(f"02 done in {time.perf_counter() - t0:.0f} s")
