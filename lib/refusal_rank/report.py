@@ -81,18 +81,18 @@ def render(profile: str) -> str:
 def write_readme(profile: str) -> bool:
     path = REPO_ROOT / "README.md"
     text = path.read_text()
-    pat = re.compile(rf"(<!-- results:{re.escape(profile)}:begin -->\n).*?(\n<!-- results:{re.escape(profile)}:end -->)", re.S)
+    pat = re.compile(rf"(<!-- results:{re.escape(profile)}:begin -->\n).*?(<!-- results:{re.escape(profile)}:end -->)", re.S)
     if not pat.search(text):
         return False
-    new = pat.sub(lambda m: m.group(1) + render(profile) + m.group(2), text)
+    new = pat.sub(lambda m: m.group(1) + render(profile) + "\n" + m.group(2), text)
     path.write_text(new)
     return True
 
 
 def readme_block(profile: str) -> str | None:
     text = (REPO_ROOT / "README.md").read_text()
-    m = re.search(rf"<!-- results:{re.escape(profile)}:begin -->\n(.*?)\n<!-- results:{re.escape(profile)}:end -->", text, re.S)
-    return m.group(1) if m else None
+    m = re.search(rf"<!-- results:{re.escape(profile)}:begin -->\n(.*?)<!-- results:{re.escape(profile)}:end -->", text, re.S)
+    return m.group(1).removesuffix("\n") if m else None
 
 
 if __name__ == "__main__":
