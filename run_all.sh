@@ -25,7 +25,8 @@ fi
 scripts/setup_env.sh "$PROFILE"
 export REFUSAL_RANK_PROFILE="$PROFILE" PYTHONUNBUFFERED=1
 mkdir -p "runs/$PROFILE"
-if [ "$FRESH" = 1 ]; then rm -rf "cache/$PROFILE" "runs/$PROFILE"/*.ipynb; fi
+CACHE_ROOT="${REFUSAL_RANK_CACHE:-$HOME/.cache/refusal_rank}"
+if [ "$FRESH" = 1 ]; then rm -rf "$CACHE_ROOT/runs/$PROFILE" "runs/$PROFILE"/*.ipynb; fi
 start=$(date +%s)
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb" .ipynb); num=${name%%_*}
@@ -34,7 +35,7 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   if [ -n "$TO" ] && [ "$num" \> "$TO" ]; then continue; fi
   echo "== $name ($PROFILE)"
   if ! .venv/bin/papermill "$nb" "runs/$PROFILE/$name.ipynb" -p profile "$PROFILE" --cwd notebooks \
-       --log-output --progress-bar --no-report-mode 2> >(grep -v "TCP without encryption" >&2); then
+       --log-output --progress-bar --no-report-mode 2> >(grep --line-buffered -v "TCP without encryption" >&2); then
     echo "run_all.sh: notebook $name failed for profile $PROFILE; the executed copy with the error is runs/$PROFILE/$name.ipynb" >&2
     exit 1
   fi

@@ -3,8 +3,8 @@
 ``summary.json`` follows the results contract of METHOD.md; each notebook merges its own keys into it
 (read, update, write atomically), so notebooks can run in any order after their inputs exist and a
 rerun of one notebook replaces only its part. Small tensors a later notebook needs (the selected
-direction) are saved next to the summary; bulky intermediates (activations, completions) go to the
-ignored ``cache/<profile>/`` folder of the repository.
+direction) are saved next to the summary; bulky intermediates (activations, completions, trained
+checkpoints) go to the run cache (:func:`run_cache`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import REPO_ROOT, figures_dir, results_dir
+from .config import REPO_ROOT, cache_root, figures_dir, results_dir
 
 
 def git_commit() -> str:
@@ -94,8 +94,9 @@ def load_artifact(cfg: dict[str, Any], name: str, produced_by: str) -> Any:
 
 
 def run_cache(cfg: dict[str, Any], *parts: str) -> Path:
-    """An ignored per-profile cache folder (``cache/<profile>/...``)."""
-    d = REPO_ROOT / "cache" / cfg["profile"]
+    """The per-profile run cache (``<cache root>/runs/<profile>/...``, outside the work tree so that it
+    survives a fresh clone on the same machine; ``run_all.sh --fresh`` empties it)."""
+    d = cache_root() / "runs" / cfg["profile"]
     for part in parts:
         d = d / part
     d.mkdir(parents=True, exist_ok=True)
