@@ -27,6 +27,7 @@ export REFUSAL_RANK_PROFILE="$PROFILE" PYTHONUNBUFFERED=1
 mkdir -p "runs/$PROFILE"
 CACHE_ROOT="${REFUSAL_RANK_CACHE:-$HOME/.cache/refusal_rank}"
 if [ "$FRESH" = 1 ]; then rm -rf "$CACHE_ROOT/runs/$PROFILE" "runs/$PROFILE"/*.ipynb; fi
+export REFUSAL_RANK_FRESH="$FRESH"
 start=$(date +%s)
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb" .ipynb); num=${name%%_*}

@@ -72,19 +72,22 @@ def rate_bars(rows: list[dict[str, Any]], title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.4))
     pal = sns.color_palette("deep", len(models))
     for i, m in enumerate(models):
+        labelled = False
         for j, s in enumerate(sets):
             r = next((x for x in rows if x["model"] == m and x["set"] == s), None)
             if r is None:
                 continue
             x = j + (i - (len(models) - 1) / 2) * width
-            ax.bar(x, r["rate"], width, color=pal[i], label=m if j == 0 else None)
+            ax.bar(x, r["rate"], width, color=pal[i], label=None if labelled else m)
+            labelled = True
             ax.errorbar(x, r["rate"], yerr=[[r["rate"] - r["lo"]], [r["hi"] - r["rate"]]], color="black", capsize=3, lw=1)
+            ax.text(x, r["hi"] + 0.02, f"{r['rate']:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels([f"{s}\n(n={next(x['n'] for x in rows if x['set'] == s)})" for s in sets])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("refusal rate (marker judge)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

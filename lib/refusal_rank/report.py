@@ -61,7 +61,8 @@ def timings_line(s: dict[str, Any]) -> str:
     t = s.get("timings_s", {})
     if not t:
         return ""
-    parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items())
+    fresh = s.get("timings_fresh", {})
+    parts = ", ".join(f"{k} {v / 60:.1f} min" + ("" if fresh.get(k) else " (warm cache)") for k, v in t.items())
     tp = s.get("throughput", {}).get("forward_residuals")
     extra = ""
     if tp:

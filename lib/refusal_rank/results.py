@@ -60,6 +60,19 @@ def update_summary(cfg: dict[str, Any], **sections: Any) -> dict[str, Any]:
     return summary
 
 
+FRESH_ENV = "REFUSAL_RANK_FRESH"
+
+
+def timing(name: str, t0: float) -> dict[str, Any]:
+    """Summary entries for a notebook's wall time since ``t0`` (``time.perf_counter``), and whether the
+    run started from an emptied cache (``run_all.sh --fresh`` sets ``REFUSAL_RANK_FRESH=1``): a warm
+    rerun's time says little about the work, so the README marks which kind each time is."""
+    import time
+
+    return {"timings_s": {name: round(time.perf_counter() - t0, 1)},
+            "timings_fresh": {name: os.environ.get(FRESH_ENV) == "1"}}
+
+
 def _finite(x: Any) -> Any:
     """NaN/inf become null: summary.json stays strict JSON."""
     if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):

@@ -26,7 +26,7 @@ from refusal_rank import pipeline as P
 from refusal_rank import plotting
 from refusal_rank.config import load_config
 from refusal_rank.models import load_model
-from refusal_rank.results import save_artifact, update_summary
+from refusal_rank.results import timing, save_artifact, update_summary
 
 t0 = time.perf_counter()
 cfg = load_config(profile)
@@ -94,5 +94,5 @@ update_summary(cfg,
                           "base_refusal_score_val": base_scores, "n_candidates": len(sel.scores),
                           "layer_stride": stride, "filter": tv.report},
                throughput={"forward_residuals": speed},
-               timings_s={"01_directions": round(time.perf_counter() - t0, 1)})
+               **timing("01_directions", t0))
 print(f"01 done in {time.perf_counter() - t0:.0f} s")

@@ -30,7 +30,7 @@ from refusal_rank.activations import ActAdd
 from refusal_rank.config import load_config
 from refusal_rank.metrics import refusal_labels, refusal_score
 from refusal_rank.models import load_model
-from refusal_rank.results import load_artifact, run_cache, update_summary
+from refusal_rank.results import timing, load_artifact, run_cache, update_summary
 
 t0 = time.perf_counter()
 cfg = load_config(profile)
@@ -147,5 +147,5 @@ update_summary(cfg,
                refusal_score_vs_rate=corr,
                judge=judge,
                examples_02={"harmful": ex_harm.to_dict("records"), "harmless": ex_harmless.to_dict("records")},
-               timings_s={"02_k1_attack": round(time.perf_counter() - t0, 1)})
+               **timing("02_k1_attack", t0))
 print(f"02 done in {time.perf_counter() - t0:.0f} s")

@@ -40,7 +40,7 @@ from refusal_rank import plotting
 from refusal_rank.config import load_config
 from refusal_rank.judge import judge_report
 from refusal_rank.models import load_model
-from refusal_rank.results import read_summary, update_summary
+from refusal_rank.results import timing, read_summary, update_summary
 
 t0 = time.perf_counter()
 cfg = load_config(profile)
@@ -111,5 +111,5 @@ update_summary(cfg,
                controls={n: results[n] for n in variants if n != "defended"},
                training={n: {k: r[k] for k in ("steps", "seconds", "tokens", "tokens_per_s", "evals")} for n, r in records.items()},
                judge=judge,
-               timings_s={"03_defense": round(time.perf_counter() - t0, 1)})
+               **timing("03_defense", t0))
 print(f"03 done in {time.perf_counter() - t0:.0f} s")
