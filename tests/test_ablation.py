@@ -97,3 +97,14 @@ def test_in_place_edit_on_a_copy(tiny):
     assert (U.T @ W).abs().max() < 1e-5
     b = model.model.layers[0].self_attn.o_proj.bias.double()
     assert (U.T @ b).abs().max() < 1e-5
+
+
+def test_combined_ablation_and_addition(tiny, prompts):
+    """A tuple (Ablation, ActAdd) applies both: the added vector's component in span(U) is removed by
+    the next writes only, so the block input at the addition layer carries it."""
+    U = _basis(tiny.d_model, 1, seed=4)
+    v = torch.randn(tiny.d_model, dtype=torch.float64) * 4
+    both = collect_residuals(tiny, prompts, 4, intervention=(Ablation(U), ActAdd(2, v)))
+    abl = collect_residuals(tiny, prompts, 4, intervention=Ablation(U))
+    assert torch.allclose(both[:, :2], abl[:, :2], atol=1e-5)
+    assert torch.allclose(both[:, 2] - abl[:, 2], v.float().expand_as(abl[:, 2]), atol=1e-4)

@@ -36,7 +36,7 @@ class ActAdd:
     coeff: float = 1.0
 
 
-Intervention = Ablation | ActAdd | None
+Intervention = Ablation | ActAdd | tuple | None  # a tuple combines one Ablation with one ActAdd
 
 
 def chat_texts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
@@ -73,10 +73,12 @@ def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
     and saving the block input of each layer in ``read_layers`` (last ``n_pos`` positions) to ``saved``."""
     layers = lm.model.layers
     read = set(read_layers)
-    abl = intervention if isinstance(intervention, Ablation) else None
-    add = intervention if isinstance(intervention, ActAdd) else None
-    if intervention is not None and abl is None and add is None:
-        raise TypeError(f"unknown intervention {type(intervention).__name__}")
+    parts = intervention if isinstance(intervention, tuple) else (intervention,)
+    abl = next((p for p in parts if isinstance(p, Ablation)), None)
+    add = next((p for p in parts if isinstance(p, ActAdd)), None)
+    unknown = [p for p in parts if p is not None and not isinstance(p, (Ablation, ActAdd))]
+    if unknown:
+        raise TypeError(f"unknown intervention {type(unknown[0]).__name__}")
 
     def block_input(layer: int, site: Any) -> None:
         if add is not None and add.layer == layer:
@@ -93,8 +95,10 @@ def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
         if abl is None and layer + 1 > last:
             break
         if abl is not None:
-            attn = layers[layer].self_attn.output[0]
-            layers[layer].self_attn.output[0][:] = _project_out(attn, abl.basis)
+            # replace the output tuple rather than writing into it: an in-place write would corrupt the
+            # tensor autograd saved for the gradient with respect to the basis (the optimised attacker)
+            attn = layers[layer].self_attn.output
+            layers[layer].self_attn.output = (_project_out(attn[0], abl.basis), *attn[1:])
             layers[layer].mlp.output = _project_out(layers[layer].mlp.output, abl.basis)
         if layer + 1 < n_layers:
             block_input(layer + 1, layers[layer])
