@@ -19,7 +19,7 @@ def test_refusal_score_matches_definition():
 def test_refusal_score_stable_at_extremes():
     lp = torch.full((1, 4), -1e4)
     lp[0, 0] = 0.0  # all mass on the refusal token
-    assert M.refusal_score(lp, [0]).item() > 20
+    assert 1000 < M.refusal_score(lp, [0]).item() < float("inf")  # p_R rounds to 1: still finite
     assert M.refusal_score(lp, [1]).item() < -1000
 
 

@@ -26,6 +26,11 @@ def orthonormalize(vectors: torch.Tensor) -> torch.Tensor:
     return q[:, keep]
 
 
+def tensor_tag(t: torch.Tensor) -> str:
+    """Short content hash of a tensor (float64 bytes), for cache keys and edit tags."""
+    return hashlib.sha256(t.detach().double().cpu().numpy().tobytes()).hexdigest()[:12]
+
+
 def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """x - U U^T x along the last dimension."""
     b = basis.to(x.dtype)
@@ -75,6 +80,8 @@ def orthogonalize_weights(model: Any, basis: torch.Tensor) -> None:
 def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBundle]:
     """Temporarily orthogonalise the bundle's weights; the originals are restored on exit."""
     model = bundle.model
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    was_tied = head.weight.data_ptr() == emb.weight.data_ptr()
     untie_embeddings(model)
     params = [model.get_input_embeddings().weight]
     for _, lin in residual_writers(model):
@@ -83,7 +90,7 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
             params.append(lin.bias)
     saved = [p.detach().clone() for p in params]
     previous = bundle.edit
-    digest = hashlib.sha256(basis.detach().double().cpu().numpy().tobytes()).hexdigest()[:12]
+    digest = tensor_tag(basis)
     try:
         orthogonalize_weights(model, basis)
         bundle.edit = f"{previous}+orth{basis.shape[1]}:{digest}"
@@ -93,6 +100,9 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+        if was_tied:  # give the memory of the untied copy back and restore the original structure
+            head.weight = emb.weight
+            model.config.tie_word_embeddings = True
 
 
 def export_orthogonalized(bundle: ModelBundle, basis: torch.Tensor, out_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .ablation import project_out
 from .models import ModelBundle
 
 
@@ -39,32 +40,29 @@ class ActAdd:
 Intervention = Ablation | ActAdd | tuple | None  # a tuple combines one Ablation with one ActAdd
 
 
-def chat_texts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
-    """Prompt-only chat-formatted strings (generation prompt added, no response)."""
+def chat_texts(tokenizer: Any, prompts: Sequence[str], **template_kwargs: Any) -> list[str]:
+    """Prompt-only chat-formatted strings (generation prompt added, no response). ``template_kwargs``
+    fix template variables that would otherwise change (Llama 3's "Today Date")."""
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                      **template_kwargs)
         for p in prompts
     ]
 
 
 def encode(bundle: ModelBundle, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Left-padded token ids of chat-formatted prompts (the template already holds any BOS)."""
-    texts = chat_texts(bundle.tokenizer, prompts)
+    texts = chat_texts(bundle.tokenizer, prompts, **bundle.template_kwargs)
     enc = bundle.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(bundle.device) for k, v in enc.items()}
 
 
 def length_batches(bundle: ModelBundle, prompts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Index batches of prompts sorted by token length (longest first, so memory peaks early)."""
-    lengths = [len(x) for x in bundle.tokenizer(chat_texts(bundle.tokenizer, prompts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(x) for x in bundle.tokenizer(chat_texts(bundle.tokenizer, prompts, **bundle.template_kwargs), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     for s in range(0, len(order), batch_size):
         yield order[s:s + batch_size]
-
-
-def _project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    b = basis.to(x.dtype)
-    return x - (x @ b) @ b.T
 
 
 def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
@@ -88,7 +86,7 @@ def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
 
     emb = lm.model.embed_tokens
     if abl is not None:
-        emb.output = _project_out(emb.output, abl.basis)
+        emb.output = project_out(emb.output, abl.basis)
     block_input(0, emb)
     last = max([*read, add.layer if add is not None else 0])
     for layer in range(n_layers):
@@ -98,8 +96,8 @@ def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
             # replace the output tuple rather than writing into it: an in-place write would corrupt the
             # tensor autograd saved for the gradient with respect to the basis (the optimised attacker)
             attn = layers[layer].self_attn.output
-            layers[layer].self_attn.output = (_project_out(attn[0], abl.basis), *attn[1:])
-            layers[layer].mlp.output = _project_out(layers[layer].mlp.output, abl.basis)
+            layers[layer].self_attn.output = (project_out(attn[0], abl.basis), *attn[1:])
+            layers[layer].mlp.output = project_out(layers[layer].mlp.output, abl.basis)
         if layer + 1 < n_layers:
             block_input(layer + 1, layers[layer])
 
@@ -148,7 +146,7 @@ def completion_ce(bundle: ModelBundle, prompts: Sequence[str], completions: Sequ
     lm = bundle.lm
     tok = bundle.tokenizer
     total, count = 0.0, 0
-    texts = chat_texts(tok, prompts)
+    texts = chat_texts(tok, prompts, **bundle.template_kwargs)
     for s in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         ids, comp_mask = [], []
         for t, c in zip(texts[s:s + batch_size], completions[s:s + batch_size]):

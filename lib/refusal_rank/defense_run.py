@@ -8,6 +8,7 @@ interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,11 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
 
 
 def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int]) -> TeacherCache:
-    key = cache_key(cfg["model"], texts, layers, bundle.n_post)
-    path = run_cache(cfg, "teacher") / f"{key}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception:
-            path.unlink()
-    tc = teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"])
-    torch.save(tc, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return tc
+    from .pipeline import cached_value, model_tag
+
+    key = cache_key(model_tag(cfg, bundle), texts, layers, bundle.n_post)
+    return cached_value(run_cache(cfg, "teacher") / f"{key}.pt",
+                        lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"]))
 
 
 def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print) -> dict[str, Any]:
@@ -79,13 +74,15 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
     model.requires_grad_(False)
     tmp = out / "merged.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written export of an interrupted run
+    shutil.rmtree(export, ignore_errors=True)  # an export whose manifest failed
     model.save_pretrained(tmp)
     bundle.tokenizer.save_pretrained(tmp)
     write_manifest(tmp)
-    tmp.rename(export)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
               "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals}
     record_path.write_text(json.dumps(record))
+    tmp.rename(export)  # last: a verified export implies a complete record
     return record
 
 

@@ -63,8 +63,14 @@ def select_direction(dirs: torch.Tensor, candidates: Sequence[tuple[int, int]],
     """
     # at layer 0 every post-instruction position holds the same token for every prompt: the difference
     # in means is exactly zero there and has no direction; such candidates are skipped
+    if not candidates:
+        raise ValueError("no direction candidates: check the profile's directions grid")
+    if max_checks is not None and max_checks < 1:
+        raise ValueError("directions.max_checks must be at least 1")
     max_norm = max(dirs[l, p].norm().item() for l, p in candidates)
     candidates = [(l, p) for l, p in candidates if dirs[l, p].norm().item() > 1e-6 * max_norm]
+    if not candidates:
+        raise ValueError("every candidate's difference in means is zero: the grid holds only layer 0")
     scores: dict[tuple[int, int], float] = {}
     for l, p in tqdm(candidates, desc="ablation score per candidate", disable=not progress, leave=False):
         v = dirs[l, p]

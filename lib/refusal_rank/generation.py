@@ -19,35 +19,41 @@ from .activations import ActAdd, Intervention, encode, length_batches
 from .models import ModelBundle
 
 
+def greedy_kwargs(bundle: ModelBundle, max_new_tokens: int) -> dict[str, Any]:
+    """Pure greedy decoding whatever the checkpoint's generation_config says (hub configs may set
+    sampling or a repetition penalty): the next token is the argmax of the raw logits."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "repetition_penalty": 1.0, "temperature": None,
+            "top_p": None, "top_k": None, "pad_token_id": bundle.tokenizer.pad_token_id}
+
+
+def _eos_ids(bundle: ModelBundle) -> set[int]:
+    eos = bundle.model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else {eos}
+    return {i for i in ids | {bundle.tokenizer.eos_token_id, bundle.tokenizer.pad_token_id} if i is not None}
+
+
 def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int,
                     intervention: Intervention) -> list[list[int]]:
     enc = encode(bundle, prompts)
     width = enc["input_ids"].shape[1]
     if intervention is None:
-        out = bundle.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=bundle.tokenizer.pad_token_id)
+        rows = bundle.model.generate(**enc, **greedy_kwargs(bundle, max_new_tokens))[:, width:].tolist()
     elif isinstance(intervention, ActAdd):
-        lm, site_layer = bundle.lm, intervention.layer
-        res: list[Any] = []
-        # min_new_tokens: nnsight runs code after the step loop only if every step happens, so the
-        # generation must not stop early at EOS (completions are cut at EOS below, as for plain generate)
-        with lm.generate(enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=bundle.tokenizer.pad_token_id) as tracer:
-            for _ in tracer.iter[0:max_new_tokens]:
-                site = lm.model.embed_tokens if site_layer == 0 else lm.model.layers[site_layer - 1]
+        # The addition is patched in at every step through nnsight. Each step's token is the argmax of that
+        # step's logits (pure greedy), saved inside the loop: a loop cut short because every row reached
+        # EOS keeps what it saved, and generation ends where the model ends it, as plain generate does.
+        lm, layer = bundle.lm, intervention.layer
+        steps: list[Any] = []
+        with lm.generate(enc, **greedy_kwargs(bundle, max_new_tokens)) as tracer:
+            for _ in tracer.iter[:]:
+                site = lm.model.embed_tokens if layer == 0 else lm.model.layers[layer - 1]
                 site.output[:] += intervention.vector.to(site.output.dtype) * intervention.coeff
-            res.append(lm.generator.output.save())
-        out = res[0]
+                steps.append(lm.lm_head.output[:, -1, :].argmax(-1).save())
+        rows = torch.stack([t.cpu() for t in steps], dim=1).tolist()
     else:
         raise TypeError("generate ablations through weight edits (refusal_rank.ablation.orthogonalized)")
-    eos = {bundle.tokenizer.eos_token_id, bundle.tokenizer.pad_token_id}
-    eos |= set(bundle.model.generation_config.eos_token_id or []) if isinstance(
-        bundle.model.generation_config.eos_token_id, list) else {bundle.model.generation_config.eos_token_id}
-    rows = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        rows.append(row[:cut])
-    return rows
+    eos = _eos_ids(bundle)
+    return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def cache_key(*parts: Any) -> str:

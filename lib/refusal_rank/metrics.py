@@ -59,10 +59,11 @@ def refusal_labels(texts: Sequence[str]) -> np.ndarray:
 def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
     """log p_R - log(1 - p_R) per row of next-token log-probabilities (n, vocab)."""
     lp = logprobs.double()
-    lpr = torch.logsumexp(lp[:, list(refusal_ids)], dim=-1)
-    # log(1 - exp(lpr)) computed stably
-    log1m = torch.where(lpr > -math.log(2), torch.log(-torch.expm1(lpr)), torch.log1p(-torch.exp(lpr)))
-    return (lpr - log1m).float()
+    ids = torch.as_tensor(list(refusal_ids), device=lp.device)
+    lpr = torch.logsumexp(lp[:, ids], dim=-1)
+    # log(1 - p_R) as the log-mass of every other token: finite even when p_R rounds to 1
+    rest = lp.index_fill(1, ids, float("-inf"))
+    return (lpr - torch.logsumexp(rest, dim=-1)).float()
 
 
 def kl_rows(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

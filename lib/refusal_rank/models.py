@@ -51,6 +51,7 @@ class ModelBundle:
     refusal_token_ids: list[int]
     post_tokens: list[str] = field(default_factory=list)
     edit: str = ""  # tag of a weight edit currently applied (part of every cache key)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # fixed chat-template variables
     _nnsight: Any = None
 
     @property
@@ -289,10 +290,10 @@ def build_tiny(mcfg: dict[str, Any], corpus: list[str], seed: int) -> Path:
 # family facts
 
 
-def post_instruction_tokens(tokenizer: Any) -> list[int]:
+def post_instruction_tokens(tokenizer: Any, **template_kwargs: Any) -> list[int]:
     """Token ids the chat template puts after the user's instruction (end-of-turn + assistant header)."""
     msgs = [{"role": "user", "content": SENTINEL}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **template_kwargs)
     suffix = text[text.rindex(SENTINEL) + len(SENTINEL):]
     ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -363,7 +364,8 @@ def bundle_from_pretrained(path: str, cfg: dict[str, Any], name: str | None = No
     model.requires_grad_(False)
     contiguous_head_input(model)
     model.generation_config.pad_token_id = tok.pad_token_id
-    post = post_instruction_tokens(tok)
+    template_kwargs = dict(mcfg.get("template_kwargs", {}))
+    post = post_instruction_tokens(tok, **template_kwargs)
     n_post = mcfg.get("n_post") or len(post)
     return ModelBundle(
         model=model,
@@ -374,6 +376,7 @@ def bundle_from_pretrained(path: str, cfg: dict[str, Any], name: str | None = No
         n_post=n_post,
         refusal_token_ids=refusal_token_ids(tok, mcfg["refusal_words"]),
         post_tokens=[tok.decode([t]) for t in post[-n_post:]],
+        template_kwargs=template_kwargs,
     )
 
 

@@ -5,7 +5,6 @@ prompts and the knobs that determine it, so a rerun after an interruption resume
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,20 +19,22 @@ from .directions import Selection, candidate_grid, select_direction
 from .generation import cache_key, generate
 from .metrics import kl_rows, mean_with_ci, point_biserial, rate_with_ci, refusal_labels, refusal_score
 from .models import ModelBundle
+from .ablation import tensor_tag
+from .config import config_hash
 from .results import run_cache
 
 
+CACHE_VERSION = 2  # bump when a change of code changes what a cached value means
+
+
 def model_tag(cfg: dict[str, Any], bundle: ModelBundle) -> str:
-    """Identity of a model for cache keys: the profile's model, the bundle's name and any weight edit."""
-    m = cfg["model"]
-    return f"{m['name']}:{m.get('gguf_sha256', m.get('hub_id', m['source']))[:12]}:{bundle.name}:{bundle.edit}"
+    """Identity of a model for cache keys: every knob of the profile's model section (source, dtype,
+    refusal words, template variables...), the bundle's name, any weight edit, and the cache version."""
+    return f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:{bundle.name}:{bundle.edit}"
 
 
-def tensor_tag(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().double().cpu().numpy().tobytes()).hexdigest()[:12]
-
-
-def _cached_tensor(path: Path, fn) -> Any:
+def cached_value(path: Path, fn) -> Any:
+    """``torch.load(path)`` if it holds a readable value, else compute ``fn()`` and save it atomically."""
     if path.is_file():
         try:
             return torch.load(path, weights_only=False)
@@ -52,7 +53,7 @@ def logprobs_cached(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Inte
     key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag)
     path = run_cache(cfg, "logprobs") / f"{key}.pt"
     bs = cfg["eval"]["fwd_batch_size"]
-    return _cached_tensor(path, lambda: last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc))
+    return cached_value(path, lambda: last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc))
 
 
 def scores_cached(cfg, bundle, prompts, intervention: Intervention = None, tag: str = "", desc: str = "scores") -> torch.Tensor:
@@ -60,7 +61,7 @@ def scores_cached(cfg, bundle, prompts, intervention: Intervention = None, tag: 
     key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag, "score")
     path = run_cache(cfg, "scores") / f"{key}.pt"
     bs = cfg["eval"]["fwd_batch_size"]
-    return _cached_tensor(path, lambda: refusal_score(
+    return cached_value(path, lambda: refusal_score(
         last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc), bundle.refusal_token_ids))
 
 
@@ -112,7 +113,7 @@ def mean_residuals(cfg, bundle, prompts: Sequence[D.Prompt], desc: str) -> torch
         acts = collect_residuals(bundle, [p.text for p in prompts], cfg["eval"]["fwd_batch_size"], desc=desc)
         return acts.double().mean(0)
 
-    return _cached_tensor(path, compute)
+    return cached_value(path, compute)
 
 
 def direction_candidates(cfg, bundle) -> list[tuple[int, int]]:
@@ -187,7 +188,7 @@ def completions(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Interven
     e = cfg["eval"]
     key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], e["max_new_tokens"],
                     str(type(intervention).__name__), tensor_tag(intervention.vector) if isinstance(intervention, ActAdd) else "",
-                    getattr(intervention, "layer", ""))
+                    getattr(intervention, "layer", ""), getattr(intervention, "coeff", ""))
     return generate(bundle, [p.text for p in prompts], e["max_new_tokens"], e["gen_batch_size"], intervention,
                     cache_file=run_cache(cfg, "gen") / f"{key}.jsonl", desc=desc)
 

@@ -46,13 +46,23 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     return dst
 
 
+MERGED_SECTIONS = ("timings_s", "timings_fresh", "throughput")
+
+
 def update_summary(cfg: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    """Merge ``sections`` into the profile's summary.json (nested dicts merge; other values replace)."""
+    """Write ``sections`` into the profile's summary.json. Each section replaces the one already there
+    (so no key of an older run survives inside it), except the per-notebook sections
+    (timings, throughput), which merge."""
     profile = cfg["profile"]
     summary = read_summary(profile)
     summary.update({"profile": profile, "model": cfg["model"]["name"], "commit": git_commit(),
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    _merge(summary, _finite(json.loads(json.dumps(sections, default=_jsonable))))
+    new = _finite(json.loads(json.dumps(sections, default=_jsonable)))
+    for key, value in new.items():
+        if key in MERGED_SECTIONS and isinstance(summary.get(key), dict):
+            _merge(summary[key], value)
+        else:
+            summary[key] = value
     p = summary_path(profile)
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")

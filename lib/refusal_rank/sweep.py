@@ -110,11 +110,11 @@ def optimized(bundle: ModelBundle, harmful: Sequence[str], harmless: Sequence[st
         k = rng.choice(list(ks))
         hi = rng.sample(range(len(harmful)), min(batch_per_class, len(harmful)))
         oi = rng.sample(range(len(harmless)), min(batch_per_class, len(harmless)))
-        U = torch.linalg.qr(W)[0][:, :k]
         with torch.enable_grad():
+            U = torch.linalg.qr(W)[0][:, :k]
             s = refusal_score(_logprobs_with_grad(bundle, [harmful[i] for i in hi], U), bundle.refusal_token_ids).mean()
             lp = _logprobs_with_grad(bundle, [harmless[i] for i in oi], U)
-            kl = (base_lp_harmless[oi].exp() * (base_lp_harmless[oi] - lp)).sum(-1).mean()
+            kl = kl_rows(base_lp_harmless[oi], lp).mean()
             loss = s + lambda_kl * kl
             opt.zero_grad()
             loss.backward()

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .ablation import orthonormalize
 from .activations import Ablation, encode, run_interventions
 from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, pool_positions, prompt_lm_loss
 from .models import ModelBundle
@@ -110,17 +109,17 @@ def attack_subspace(bundle: ModelBundle, harmful: Sequence[str], harmless: Seque
     given layer and post-instruction position, from the bundle's *current* weights: (d, k) float64."""
     from .activations import collect_residuals
 
+    from .attacks import dim_svd
+
     was_training = bundle.model.training
     bundle.model.eval()
-    with torch.no_grad():
-        h = collect_residuals(bundle, harmful, batch_size, layers=layers, desc="subspace").double().mean(0)
-        b = collect_residuals(bundle, harmless, batch_size, layers=layers, desc="subspace").double().mean(0)
-    bundle.model.train(was_training)
-    dims = (h - b).reshape(-1, bundle.d_model)
-    norms = dims.norm(dim=-1, keepdim=True)
-    dims = dims[norms[:, 0] > 1e-6 * norms.max()] / norms[norms[:, 0] > 1e-6 * norms.max()]
-    _, _, vh = torch.linalg.svd(dims, full_matrices=False)
-    return orthonormalize(vh[:k].T)
+    try:
+        with torch.no_grad():
+            h = collect_residuals(bundle, harmful, batch_size, layers=layers, desc="subspace").double().mean(0)
+            b = collect_residuals(bundle, harmless, batch_size, layers=layers, desc="subspace").double().mean(0)
+    finally:
+        bundle.model.train(was_training)
+    return dim_svd(h - b, k)  # the same estimator the dim-svd attacker uses
 
 
 @dataclass
@@ -219,7 +218,11 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             raise TrainingDiverged(
                 f"{variant.name}: loss {value:.4g} at step {step} (first {first_loss}); training stopped. "
                 f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
-        torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"]))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"{variant.name}: non-finite gradient at step {step}; training stopped before the update. "
+                f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
         opt.step()
         opt.zero_grad(set_to_none=True)
         first_loss = value if first_loss is None else first_loss

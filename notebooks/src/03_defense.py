@@ -98,8 +98,9 @@ table
 
 # %% [markdown]
 # ## 3 · The marker judge against hand labels
-# Completions of the original, K=1-ablated and trained models were read and labelled by hand
-# (`data/judge_labels.jsonl`, with a one-line reason each); the marker judge's precision and recall on them:
+# Completions were read and labelled by hand (`data/judge_labels.jsonl`, with a one-line reason each); the
+# marker judge's precision and recall on them, per model that wrote the completions (the labelled set grows
+# as trained models are added to it):
 
 # %%
 judge = judge_report()
