@@ -224,10 +224,6 @@ def evaluate_model(cfg, bundle, sets: TestSets, base_harmless: list[dict[str, An
     return res
 
 
-def timed() -> float:
-    return time.perf_counter()
-
-
 def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], out_dir: Path) -> dict[str, Any]:
     """Export the orthogonalised model, reload it with plain ``from_pretrained`` and compare its
     last-token log-probs with run-time ablation through nnsight on the original weights."""

@@ -253,7 +253,3 @@ def attach_lora(model: torch.nn.Module, lcfg: dict[str, Any], seed: int) -> Any:
     cfg = LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], target_modules=list(lcfg["targets"]),
                      lora_dropout=0.0, bias="none")
     return get_peft_model(model, cfg)
-
-
-def history_json(state: TrainState) -> str:
-    return json.dumps({"history": state.history, "evals": state.evals, "seconds": state.seconds, "tokens": state.tokens})
