@@ -16,7 +16,6 @@ Design:
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
