@@ -210,11 +210,11 @@ def evaluate_model(cfg, bundle, sets: TestSets, base_harmless: list[dict[str, An
     """Refusal rates on the three test sets, and (against the original) first-token KL and CE on harmless."""
     e = cfg["eval"]
     res: dict[str, Any] = {"completions": {}}
+    keys = {"harmful": "refusal_rate_harmful", "harmless": "refusal_rate_harmless", "overrefusal": "overrefusal_rate"}
     for name, prompts in sets.items():
         comps = completions(cfg, bundle, prompts, desc=f"{label} {name}")
         res["completions"][name] = comps
-        res[f"refusal_rate_{name if name != 'overrefusal' else 'over'}"] = rates_by_source(cfg, prompts, comps)
-    res["overrefusal_rate"] = res.pop("refusal_rate_over")
+        res[keys[name]] = rates_by_source(cfg, prompts, comps)
     if base_lp_harmless is not None:
         lp = logprobs_cached(cfg, bundle, sets.harmless, desc="KL harmless")
         res["kl_harmless"] = mean_with_ci(kl_rows(base_lp_harmless, lp).tolist(), e["n_boot"], cfg["seed"])
