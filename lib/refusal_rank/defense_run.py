@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import data as D
+from .config import config_hash
 from .generation import cache_key
 from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, save_verified, verify_manifest
 from .results import run_cache
@@ -38,9 +39,10 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
 
 
 def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int]) -> TeacherCache:
-    from .pipeline import cached_value, model_tag
+    from .pipeline import CACHE_VERSION, cached_value
 
-    key = cache_key(model_tag(cfg, bundle), texts, layers, bundle.n_post)
+    # the teacher is the original model whatever the student is called: one cache for every variant
+    key = cache_key(f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:original", texts, layers, bundle.n_post)
     return cached_value(run_cache(cfg, "teacher") / f"{key}.pt",
                         lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"]))
 

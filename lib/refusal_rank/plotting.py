@@ -134,3 +134,106 @@ def before_after_table(base: dict[str, Any], results: dict[str, dict[str, Any]])
                      "CE harmless": mean(r.get("ce_harmless")),
                      "harmful under re-selected K=1": rate((r.get("attack_k1") or {}).get("refusal_rate_harmful"))})
     return pd.DataFrame(rows).set_index("model")
+
+
+def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float, n: int) -> plt.Figure:
+    """Harmful refusal vs K, one panel per model, one line per estimator: the score proxy (share of prompts
+    with a positive refusal score, thin line) and the generated, marker-judged rate with its interval (points)."""
+    models = list(sweeps)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), sharey=True, squeeze=False)
+    colors = dict(zip(sorted({e for m in models for e in sweeps[m]}), sns.color_palette("tab10")))
+    for ax, m in zip(axes[0], models):
+        for e, res in sweeps[m].items():
+            ks = sorted(res["per_k"], key=int)
+            if not ks:
+                continue
+            c = colors[e]
+            ax.plot([int(k) for k in ks], [res["per_k"][k]["score_rate"] for k in ks], lw=1, alpha=0.6, color=c, ls="--")
+            gk = [k for k in ks if "refusal_rate_harmful" in res["per_k"][k]]
+            if gk:
+                r = [res["per_k"][k]["refusal_rate_harmful"] for k in gk]
+                y = np.array([x["rate"] for x in r])
+                err = np.array([[x["rate"] - x["lo"] for x in r], [x["hi"] - x["rate"] for x in r]])
+                ax.errorbar([int(k) for k in gk], y, yerr=err, fmt="o", color=c, ms=5, capsize=2, label=e)
+            else:
+                ax.plot([], [], "o", color=c, label=e)
+        ax.axhline(threshold, color="black", lw=1, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (directions ablated)")
+        ax.set_title(m)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("harmful refusal (test)")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Rank-K ablation, weight edit (n={n} harmful test prompts; dashed: share with refusal score > 0, "
+                 f"points: generated rate with 95% CI; dotted: broken below {threshold})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def k_break_frame(k_break: dict[str, Any], estimators: Sequence[str]):
+    """K_break table (models x estimators) as a DataFrame with K_break* beside it; None -> '> grid'."""
+    import pandas as pd
+
+    rows = {}
+    for m, v in k_break.items():
+        if m.endswith("_star"):
+            continue
+        rows[m] = {e: (v.get(e) if v.get(e) is not None else "> grid") for e in estimators}
+        rows[m]["K_break*"] = k_break.get(f"{m}_star") if k_break.get(f"{m}_star") is not None else "> grid"
+    return pd.DataFrame(rows).T
+
+
+def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float) -> plt.Figure:
+    """Per layer and model: effective rank of the excess second moment, linear and MLP probe accuracy, k_chance."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    for m, by_layer in reports.items():
+        ls = sorted(by_layer, key=int)
+        x = [int(l) for l in ls]
+        line = axes[0].plot(x, [by_layer[l]["effective_rank"] for l in ls], marker="o", ms=3, label=m)[0]
+        axes[1].plot(x, [by_layer[l]["linear_acc"] for l in ls], marker="o", ms=3, color=line.get_color(), label=f"{m} linear")
+        axes[1].plot(x, [by_layer[l]["mlp_acc"] for l in ls], marker="^", ms=3, ls="--", color=line.get_color(), label=f"{m} MLP")
+        kc = [by_layer[l]["k_chance"] for l in ls]
+        axes[2].plot(x, [np.nan if k is None else k for k in kc], marker="o", ms=3, color=line.get_color(), label=m)
+    axes[0].set_ylabel("effective rank (participation ratio)")
+    axes[1].set_ylabel("held-out probe accuracy")
+    axes[1].axhline(threshold, color="black", lw=1, ls=":")
+    axes[2].set_ylabel(f"k_chance (INLP directions to acc <= {threshold})")
+    for ax in axes:
+        ax.set_xlabel("layer (block input)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def spectra(eigs: dict[str, torch.Tensor], layer_of: dict[str, int], top: int = 64) -> plt.Figure:
+    """Leading eigenvalues of the excess second moment (harmful over harmless), normalised by the largest."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.3))
+    for m, ev in eigs.items():
+        ev = ev[:top].clamp_min(0).numpy()
+        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0], 1e-12), marker="o", ms=2.5, label=f"{m} (layer {layer_of[m]})")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.legend(fontsize=7)
+    ax.set_title("Spectrum of the excess second moment (train split, pooled)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: float) -> plt.Figure:
+    """Linear probe accuracy vs directions removed, one panel per model, one line per basis."""
+    models = list(curves)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for name, c in curves[m].items():
+            ks = sorted(c, key=int)
+            ax.plot([int(k) for k in ks], [c[k] for k in ks], marker="o", ms=3, label=name)
+        ax.axhline(threshold, color="black", lw=1, ls=":")
+        ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set_xlabel("directions removed")
+        ax.set_title(m)
+    axes[0][0].set_ylabel("linear probe accuracy (held out)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

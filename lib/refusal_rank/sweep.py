@@ -39,11 +39,12 @@ def iterated(bundle: ModelBundle, harmful_train: Sequence[str], harmless_train: 
              induce: Callable[[torch.Tensor, int, torch.Tensor], float],
              batch_size: int, max_kl: float = 0.1, max_checks: int | None = None, min_norm_frac: float = 0.01,
              means: Callable[[torch.Tensor, Sequence[str], Sequence[int]], torch.Tensor] | None = None,
-             progress: bool = True) -> IteratedResult:
+             progress: bool = True, start: IteratedResult | None = None) -> IteratedResult:
     """The paper's attacker. ``score(U)``: mean harmful-val refusal score with span(U) ablated;
     ``kl(U)``: first-token KL on harmless val; ``induce(U_prev, layer, v)``: harmless-val refusal score with
     U_prev ablated and v added at ``layer``. ``means(U_prev, prompts, layers)`` (optional, for caching)
-    returns mean block-input residuals (len(layers), n_post, d) with U_prev ablated."""
+    returns mean block-input residuals (len(layers), n_post, d) with U_prev ablated. ``start`` continues
+    an earlier result (its rounds are kept) up to ``k_max`` rounds in all."""
     layers = sorted({l for l, _ in candidates})
     d = bundle.d_model
 
@@ -55,7 +56,12 @@ def iterated(bundle: ModelBundle, harmful_train: Sequence[str], harmless_train: 
     found = torch.zeros(d, 0, dtype=torch.float64)
     result = IteratedResult(found)
     first_norm = None
-    for k in tqdm(range(k_max), desc="iterated rounds", disable=not progress, leave=False):
+    if start is not None:
+        found, first_norm = start.basis.clone(), (start.rounds[0]["norm"] if start.rounds else None)
+        result = IteratedResult(found, list(start.rounds), start.stopped_early)
+        if start.stopped_early:
+            return result
+    for k in tqdm(range(found.shape[1], k_max), desc="iterated rounds", disable=not progress, leave=False):
         h = means(found, harmful_train, layers)
         o = means(found, harmless_train, layers)
         dirs = torch.zeros(max(layers) + 1, h.shape[1], d, dtype=torch.float64)

@@ -48,6 +48,7 @@ class Variant:
     lambda_abl: float = 0.0  # ablation-aware distillation
     k_max: int = 16
     refresh_every: int = 10
+    abl_per_class: int = 0  # prompts of each class run under ablation (0: the whole batch)
 
     @classmethod
     def from_cfg(cls, name: str, d: dict[str, Any]) -> "Variant":
@@ -205,11 +206,14 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 sub_o = [harmless[i] for i in range(min(len(harmless), tcfg["subspace_prompts"]))]
                 basis = attack_subspace(bundle, sub_h, sub_o, variant.k_max, abl_layers, tcfg["batch_per_class"] * 2)
             k = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
+            a = min(per_class, variant.abl_per_class or per_class)  # the first a of each class
+            rows = list(range(a)) + list(range(per_class, per_class + a))
+            enc2 = enc if a == per_class else encode(bundle, [texts[i] for i in rows])
             saved2: list[Any] = []
-            with lm.trace(enc, logits_to_keep=1):
+            with lm.trace(enc2, logits_to_keep=1):
                 run_interventions(lm, Ablation(basis[:, :k]), bundle.n_layers)
                 saved2.append(lm.lm_head.output[:, -1, :].save())
-            terms["abl"] = kd_loss(saved2[0], t_logits, variant.temperature)
+            terms["abl"] = kd_loss(saved2[0], t_logits[rows], variant.temperature)
             (variant.lambda_abl * terms["abl"]).backward()
             loss = loss + variant.lambda_abl * terms["abl"].detach()
         value = float(loss.detach())

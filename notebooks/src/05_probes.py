@@ -1,0 +1,110 @@
+# %% [markdown]
+# # 05 · Probe spectra: did the signal move, or only hide?
+#
+# Notebook 04 measures what an attacker has to ablate. Here we look at the activations themselves, per layer
+# and per model, on pooled representations (the mean over the post-instruction positions, the ones the
+# attackers read and the defence matches):
+#
+# * the eigenvalue **spectrum of the excess second moment** of harmful over harmless activations (about the
+#   harmless mean) and its **effective rank**, the participation ratio $(\sum_i\lambda_i)^2/\sum_i\lambda_i^2$
+#   over the positive eigenvalues: a refusal signal on one direction has effective rank near 1;
+# * held-out accuracy of a **linear** and of a small **MLP probe** (harmful vs harmless; train on the train
+#   split, test on held-out test prompts). A falling linear probe with a high MLP probe would mean the signal
+#   was reorganised, not erased;
+# * linear-probe accuracy as directions are **removed** one at a time (INLP, fitted on train), and
+#   $k_{chance}$: the number of removed directions after which accuracy is ≤ 0.60; at the attacker's layer,
+#   the same curve for the bases of every estimator of notebook 04.
+#
+# Features are z-scored per dimension with the train statistics before a probe is fitted (Qwen's residual
+# stream has a few huge-magnitude dimensions); directions are removed from the raw stream, as an ablation does.
+
+# %% parameters
+profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
+
+# %%
+import time
+
+import pandas as pd
+import torch
+
+from refusal_rank import data as D
+from refusal_rank import plotting
+from refusal_rank import probes as Q
+from refusal_rank import sweep_run as S
+from refusal_rank.config import load_config
+from refusal_rank.results import timing, update_summary
+
+t0 = time.perf_counter()
+cfg = load_config(profile)
+pc = cfg["probes"]
+harm_test = D.split_prompts("harmful_test", pc["n_test_per_source"], cfg["seed"], per_source=True)
+ok_test = D.split_prompts("harmless_test", len(harm_test), cfg["seed"])
+print(f"held-out probe test: {len(harm_test)} harmful, {len(ok_test)} harmless")
+
+# %% [markdown]
+# ## 1 · Per layer: spectrum, probes, k_chance
+
+# %%
+reports, eigs, site, removal = {}, {}, {}, {}
+for m in cfg["sweep"]["models"]:
+    bundle = S.load_attacked(cfg, m)
+    ctx = S.attack_context(cfg, bundle)
+    layers = ctx.layers[::pc["layer_stride"]]
+    te_h = S.grid_acts(cfg, bundle, harm_test, ctx.layers, "harmful test acts").float().mean(2)  # pooled: (n, L, d)
+    te_o = S.grid_acts(cfg, bundle, ok_test, ctx.layers, "harmless test acts").float().mean(2)
+    tr_h, tr_o = ctx.harm.float().mean(2), ctx.ok.float().mean(2)
+    ytr = torch.cat([torch.ones(len(tr_h)), torch.zeros(len(tr_o))])
+    yte = torch.cat([torch.ones(len(te_h)), torch.zeros(len(te_o))])
+    reports[m] = {}
+    for l in layers:
+        i = ctx.layers.index(l)
+        if (tr_h[:, i].mean(0) - tr_o[:, i].mean(0)).norm() < 1e-6:
+            continue  # layer 0: pooled template tokens are identical across prompts
+        reports[m][l] = Q.layer_report(torch.cat([tr_h[:, i], tr_o[:, i]]), ytr, torch.cat([te_h[:, i], te_o[:, i]]), yte,
+                                       pc["inlp_k_max"], pc["ks"], cfg["seed"], pc["threshold"])
+    # the attacker's layer: the one of its first iterated direction (notebook 01's procedure on these weights)
+    site[m] = S.iterated_basis(ctx, 1).rounds[0]["layer"]
+    l = min(reports[m], key=lambda x: abs(x - site[m]))
+    i = ctx.layers.index(l)
+    site[m] = l
+    eigs[m] = Q.spectrum(tr_h[:, i], tr_o[:, i])
+    xtr, xte = torch.cat([tr_h[:, i], tr_o[:, i]]), torch.cat([te_h[:, i], te_o[:, i]])
+    removal[m] = {"inlp": reports[m][l]["acc_vs_removed"]}
+    for e in S.check_estimators(cfg["sweep"]["estimators"]):
+        basis = (S.iterated_basis(ctx, 1).basis if e == "iterated"
+                 else S.estimator_basis(ctx, e, max(cfg["sweep"]["k_grid"]))["basis"])
+        removal[m][e] = Q.acc_vs_removed(xtr, ytr, xte, yte, basis.float(), pc["ks"], cfg["seed"])
+    del bundle, ctx
+
+# %%
+fig = plotting.probe_layers(reports, pc["threshold"])
+plotting.save(fig, cfg, "05_1_probes_per_layer")
+pd.DataFrame({m: {l: r["k_chance"] for l, r in by.items()} for m, by in reports.items()})  # k_chance per layer (None: > inlp_k_max)
+
+# %% [markdown]
+# ## 2 · Spectra at the attacker's layer
+
+# %%
+fig = plotting.spectra(eigs, site)
+plotting.save(fig, cfg, "05_2_spectra")
+pd.DataFrame({m: {"layer": site[m], "effective_rank": reports[m][site[m]]["effective_rank"],
+                  "linear_acc": reports[m][site[m]]["linear_acc"], "mlp_acc": reports[m][site[m]]["mlp_acc"],
+                  "k_chance": reports[m][site[m]]["k_chance"]} for m in reports}).T
+
+# %% [markdown]
+# ## 3 · Linear probe accuracy vs directions removed, at the attacker's layer
+# INLP (fitted on train) and the bases of notebook 04's estimators (the iterated attacker contributes the
+# directions it computed there; the others their first K).
+
+# %%
+fig = plotting.removal_curves(removal, pc["threshold"])
+plotting.save(fig, cfg, "05_3_probe_vs_removed")
+
+# %%
+update_summary(cfg,
+               probes={m: {str(l): {k: r[k] for k in ("effective_rank", "k_chance", "linear_acc", "mlp_acc")}
+                           for l, r in by.items()} for m, by in reports.items()},
+               probes_site={m: {"layer": site[m], "removal": {e: {str(k): v for k, v in c.items()} for e, c in removal[m].items()}}
+                            for m in removal},
+               **timing("05_probes", t0))
+print(f"05 done in {time.perf_counter() - t0:.0f} s")
