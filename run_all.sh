@@ -24,24 +24,61 @@ if [ ! -f "configs/$PROFILE.toml" ]; then
 fi
 scripts/setup_env.sh "$PROFILE"
 export REFUSAL_RANK_PROFILE="$PROFILE" PYTHONUNBUFFERED=1
-mkdir -p "runs/$PROFILE"
+NB_DIR="${REFUSAL_RANK_NOTEBOOKS:-notebooks}"   # tests point these two elsewhere
+OUT="${REFUSAL_RANK_RUNS:-runs}/$PROFILE"
+mkdir -p "$OUT"
 CACHE_ROOT="${REFUSAL_RANK_CACHE:-$HOME/.cache/refusal_rank}"
-if [ "$FRESH" = 1 ]; then rm -rf "$CACHE_ROOT/runs/$PROFILE" "runs/$PROFILE"/*.ipynb; fi
+if [ "$FRESH" = 1 ]; then rm -rf "$CACHE_ROOT/runs/$PROFILE" "$OUT"/*.ipynb "$OUT"/*.stamp; fi
 export REFUSAL_RANK_FRESH="$FRESH"
 start=$(date +%s)
-for nb in notebooks/[0-9][0-9]_*.ipynb; do
+# A notebook whose inputs did not change since it last finished is skipped. Its inputs: the profile's
+# config, the library, the data splits and prompt sets, the notebook itself, and the stamp of the
+# notebook before it (so a change upstream reruns everything downstream).
+inputs_hash() {  # $1: notebook, $2: previous stamp
+  { sha256sum "configs/$PROFILE.toml" "$1" data/*.json data/*.jsonl lib/refusal_rank/*.py | cut -c1-64; echo "$2"; } \
+    | sha256sum | cut -c1-64
+}
+prev=""
+for nb in "$NB_DIR"/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb" .ipynb); num=${name%%_*}
   if [ -n "$ONLY" ] && [ "$num" != "$ONLY" ]; then continue; fi
   if [ -n "$FROM" ] && [ "$num" \< "$FROM" ]; then continue; fi
   if [ -n "$TO" ] && [ "$num" \> "$TO" ]; then continue; fi
+  stamp=$(inputs_hash "$nb" "$prev"); prev="$stamp"
+  if [ -f "$OUT/$name.stamp" ] && [ "$(cat "$OUT/$name.stamp")" = "$stamp" ] && [ -f "$OUT/$name.ipynb" ]; then
+    echo "== $name ($PROFILE): up to date, skipped (inputs unchanged since its last run; --fresh reruns it)"
+    continue
+  fi
+  rm -f "$OUT/$name.stamp"
   echo "== $name ($PROFILE)"
-  if ! .venv/bin/papermill "$nb" "runs/$PROFILE/$name.ipynb" -p profile "$PROFILE" --cwd notebooks \
+  t_nb=$(date +%s)
+  if ! .venv/bin/papermill "$nb" "$OUT/$name.ipynb" -p profile "$PROFILE" --cwd "$NB_DIR" \
        --log-output --progress-bar --no-report-mode 2> >(grep --line-buffered -v "TCP without encryption" >&2); then
-    echo "run_all.sh: notebook $name failed for profile $PROFILE; the executed copy with the error is runs/$PROFILE/$name.ipynb" >&2
+    cell=$(.venv/bin/python - "$OUT/$name.ipynb" <<'PY'
+import json, sys
+try:
+    nb = json.load(open(sys.argv[1]))
+except Exception:
+    sys.exit(0)
+code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+for i, c in enumerate(code, 1):
+    for o in c.get("outputs", []):
+        if o.get("output_type") == "error":
+            first = "".join(c["source"]).strip().splitlines()[:1]
+            print(f"code cell {i} ({first[0][:60] if first else ''!r}): {o['ename']}: {o['evalue'][:200]}")
+            sys.exit(0)
+PY
+)
+    echo "run_all.sh: notebook $name failed for profile $PROFILE${cell:+ in $cell}." >&2
+    echo "run_all.sh: the executed copy with the error is $OUT/$name.ipynb; notebooks before it are kept and will be skipped on rerun." >&2
     exit 1
   fi
+  echo "$stamp" > "$OUT/$name.stamp"
+  echo "== $name finished in $(( $(date +%s) - t_nb )) s"
 done
-echo "== done in $(( $(date +%s) - start )) s; figures in figures/$PROFILE:"
+echo "== done in $(( $(date +%s) - start )) s"
+if [ -f "results/$PROFILE/summary.json" ]; then .venv/bin/python -m refusal_rank.report --profile "$PROFILE" --headline || true; fi
+echo "== figures in figures/$PROFILE:"
 for f in "figures/$PROFILE"/*.png; do
   [ -f "$f" ] && printf '  %-45s %8s bytes  %s\n' "$(basename "$f")" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -c1-16)"
 done

@@ -37,3 +37,33 @@ def test_refusal_filter_too_strict_is_a_clear_error(tiny_cfg, tiny, monkeypatch)
     monkeypatch.setattr(P, "scores_cached", lambda cfg, bundle, prompts, *a, **k: -torch.ones(len(prompts)))
     with pytest.raises(D.DataError, match="pass the refusal filter.*raise data.train_pool"):
         P.filtered_train_val(cfg, tiny)
+
+
+def test_corrupted_cache_file_is_detected_by_hash_and_rebuilt(tmp_path):
+    from refusal_rank.pipeline import cached_value
+
+    calls, logs = [], []
+    make = lambda: calls.append(1) or torch.arange(5)
+    p = tmp_path / "v.pt"
+    assert torch.equal(cached_value(p, make, log=logs.append), torch.arange(5)) and len(calls) == 1
+    assert torch.equal(cached_value(p, make, log=logs.append), torch.arange(5)) and len(calls) == 1  # from the cache
+    raw = bytearray(p.read_bytes())
+    raw[-10] ^= 0xFF  # one flipped byte
+    p.write_bytes(bytes(raw))
+    assert torch.equal(cached_value(p, make, log=logs.append), torch.arange(5)) and len(calls) == 2
+    assert any("corrupted" in m for m in logs)
+
+
+def test_compare_summaries_ignores_volatile_keys_and_names_differences():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("cmp", Path(__file__).resolve().parents[1] / "tools" / "compare_summaries.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    a = {"created": "x", "timings_s": {"01": 5}, "base": {"rate": 0.5, "ci": [0.4, 0.6]}, "training": {"d": {"seconds": 3}}}
+    b = {"created": "y", "timings_s": {"01": 9}, "base": {"rate": 0.5, "ci": [0.4, 0.6]}, "training": {"d": {"seconds": 4}}}
+    assert cmp.diff(a, b, 0.0) == []
+    b["base"]["ci"][1] = 0.61
+    assert cmp.diff(a, b, 0.0) == ["/base/ci[1]: 0.6 vs 0.61"]
+    assert cmp.diff(a, b, 0.05) == []

@@ -1,9 +1,11 @@
 """Write a seeded sample of cached completions for hand labelling (the judge's validation set).
 
-    python tools/judge_sample.py --profile cpu --out /tmp/judge_sample.jsonl [--models base,k1]
+    python tools/judge_sample.py --profile cpu --out /tmp/judge_sample.jsonl [--models original,k1_ablated]
+    python tools/judge_sample.py --profile cpu --out /tmp/defended.jsonl --models defended --per 40,30,10
 
-Reads the completions of notebook 02 (original and K=1-ablated) from the generation cache by
-re-deriving their cache keys (no generation happens if the cache is warm), samples per (model, set),
+Reads the completions of notebook 02 (original and K=1-ablated) or of a trained variant of notebook 03
+from the generation cache by re-deriving their cache keys (no generation happens if the cache is warm),
+samples per (model, set),
 and writes rows {id, model, set, prompt_id, prompt, completion} without any judge verdict, so that the
 labeller is blind to the markers.
 """
@@ -26,14 +28,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="original,k1_ablated", help="original, k1_ablated and/or trained variant names")
+    ap.add_argument("--per", default=None, help="rows per set, harmful,harmless,overrefusal (default 60,40,20)")
     a = ap.parse_args()
     cfg = load_config(a.profile)
-    bundle = load_model(cfg)
+    per = dict(zip(PER, map(int, a.per.split(",")))) if a.per else PER
+    models = a.models.split(",")
+    base = load_model(cfg) if {"original", "k1_ablated"} & set(models) else None
     found = load_artifact(cfg, "direction.pt", "01_directions")
     u = (found["direction"] / found["direction"].norm())[:, None]
     sets = P.test_sets(cfg)
     rows = []
-    for model in ("original", "k1_ablated"):
+    for model in models:
+        if model in ("original", "k1_ablated"):
+            bundle = base
+        else:
+            from refusal_rank.defense_run import load_variant
+
+            bundle = load_variant(cfg, model)
         for name, prompts in sets.items():
             if model == "k1_ablated":
                 with orthogonalized(bundle, u):
@@ -42,7 +54,7 @@ def main() -> None:
                 comps = P.completions(cfg, bundle, prompts)
             idx = list(range(len(prompts)))
             random.Random(f"judge-{model}-{name}").shuffle(idx)
-            for i in idx[:PER[name]]:
+            for i in idx[:per[name]]:
                 rows.append({"id": f"{model}:{prompts[i].id}", "model": model, "set": name, "prompt_id": prompts[i].id,
                              "prompt": prompts[i].text, "completion": comps[i]["text"]})
     with open(a.out, "w") as fh:

@@ -5,6 +5,7 @@ prompts and the knobs that determine it, so a rerun after an interruption resume
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,17 +34,53 @@ def model_tag(cfg: dict[str, Any], bundle: ModelBundle) -> str:
     return f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:{bundle.name}:{bundle.edit}"
 
 
-def cached_value(path: Path, fn) -> Any:
-    """``torch.load(path)`` if it holds a readable value, else compute ``fn()`` and save it atomically."""
-    if path.is_file():
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+MISSING = object()
+
+
+def load_cached(path: Path, log=print) -> Any:
+    """The value saved at ``path`` if its sha256 matches its ``.sha256`` sidecar, else ``MISSING``.
+    A corrupted file (hash mismatch, unreadable) is reported and removed; a file from before sidecars
+    existed is trusted once and given one."""
+    side = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        return MISSING
+    digest = _sha256(path)
+    if side.is_file() and side.read_text().strip() != digest:
+        log(f"cache file {path.name} is corrupted (sha256 mismatch): rebuilding it")
+    else:
         try:
-            return torch.load(path, weights_only=False)
-        except Exception:  # a file cut by an interruption: recompute
-            path.unlink()
-    value = fn()
+            value = torch.load(path, weights_only=False)
+            if not side.is_file():
+                side.write_text(digest)
+            return value
+        except Exception:  # a file cut by an interruption
+            log(f"cache file {path.name} is unreadable: rebuilding it")
+    path.unlink()
+    return MISSING
+
+
+def save_cached(path: Path, value: Any) -> None:
+    """Save atomically, with the sha256 sidecar that :func:`load_cached` checks."""
     tmp = path.with_suffix(".tmp")
     torch.save(value, tmp)
+    path.with_name(path.name + ".sha256").write_text(_sha256(tmp))
     tmp.replace(path)
+
+
+def cached_value(path: Path, fn, log=print) -> Any:
+    """The cached value at ``path`` (verified by hash), else ``fn()``, saved for next time."""
+    value = load_cached(path, log)
+    if value is MISSING:
+        value = fn()
+        save_cached(path, value)
     return value
 
 

@@ -71,28 +71,104 @@ def timings_line(s: dict[str, Any]) -> str:
     return f"Wall time: {parts}.{extra}"
 
 
+MODEL_ROWS = (("defended", "defended (covariance matching + KD)"), ("kl_only", "control: KL only (prompt LM + KD)"),
+              ("ablation_aware", "control: ablation-aware KD"))
+PAPER_K = {"base": "1", "defended": ">= 16", "kl_only": "n/a (not reported)", "ablation_aware": "n/a (not in the paper)"}
+
+
+def defense_table(s: dict[str, Any]) -> str:
+    """Notebook 03's before/after table: the original and every trained model on the test sets."""
+    base = s.get("base", {})
+    rows = [("original", {**base, "attack_k1": s.get("attack_k1")})]
+    rows += [(label, s.get("defended") if key == "defended" else s.get("controls", {}).get(key)) for key, label in MODEL_ROWS]
+    rows = [(label, r) for label, r in rows if r]
+    if len(rows) < 2:
+        return ""
+    lines = ["| model | harmful refusal | harmless refusal | over-refusal | first-token KL (harmless) | CE on original's harmless completions | harmful refusal under re-selected K=1 |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        k1 = (r.get("attack_k1") or {}).get("refusal_rate_harmful")
+        kl = "0" if label == "original" else fmt_mean(r.get("kl_harmless"))
+        lines.append(f"| {label} | {fmt_rate(r.get('refusal_rate_harmful'))} | {fmt_rate(r.get('refusal_rate_harmless'))} | "
+                     f"{fmt_rate(r.get('overrefusal_rate'))} | {kl} | {fmt_mean(r.get('ce_harmless'))} | {fmt_rate(k1)} |")
+    tr = s.get("training", {})
+    if tr:
+        lines.append("")
+        lines.append("Training (LoRA, same steps and batches for every variant): " + "; ".join(
+            f"{k} {v['seconds'] / 60:.1f} min of step time, {v['tokens_per_s']:.0f} tokens/s" for k, v in tr.items()) + ".")
+    return "\n".join(lines)
+
+
+def headline_table(s: dict[str, Any]) -> str:
+    """K_break per model and estimator (notebook 04), K*_break in bold, the paper's figure beside it."""
+    kb = s.get("k_break")
+    if not kb:
+        return ""
+    ests = [e for e in ("iterated", "dim-svd", "pca-centered", "cov-diff", "inlp", "optimized")
+            if any(e in v for m, v in kb.items() if not m.endswith("_star"))]
+    fmt = lambda k: "> grid" if k is None else str(k)
+    lines = ["| model | " + " | ".join(ests) + " | **K\\*_break** | paper's K to break |",
+             "|---|" + "---|" * (len(ests) + 2)]
+    for m, v in kb.items():
+        if m.endswith("_star"):
+            continue
+        lines.append(f"| {m} | " + " | ".join(fmt(v.get(e)) if e in v else "" for e in ests)
+                     + f" | **{fmt(kb.get(m + '_star'))}** | {PAPER_K.get(m, '')} |")
+    lines.append("")
+    lines.append("K_break: the smallest K of the grid whose generated harmful refusal rate (marker judge) is below 0.30; "
+                 "\"> grid\": not broken within the K the estimator reached. Paper: Llama-3.2-1B-Instruct, iterated attacker only.")
+    return "\n".join(lines)
+
+
+def probes_line(s: dict[str, Any]) -> str:
+    site = s.get("probes_site", {})
+    pr = s.get("probes", {})
+    if not site:
+        return ""
+    parts = []
+    for m, v in site.items():
+        r = pr.get(m, {}).get(str(v["layer"]), {})
+        parts.append(f"{m} (layer {v['layer']}): effective rank {r.get('effective_rank')}, linear probe {r.get('linear_acc')}, "
+                     f"MLP probe {r.get('mlp_acc')}, k_chance {r.get('k_chance') if r.get('k_chance') is not None else '> INLP rounds'}")
+    return "Probes at the attacker's layer: " + "; ".join(parts) + "."
+
+
+def gallery(profile: str) -> str:
+    """Every figure of the profile, in notebook order, as Markdown image links."""
+    from .results import figures_dir
+
+    figs = sorted(figures_dir(profile).glob("*.png"))
+    return "\n".join(f"- `{f.stem}`: ![{f.stem}]({f.relative_to(REPO_ROOT).as_posix()})" for f in figs)
+
+
 def render(profile: str) -> str:
     s = read_summary(profile)
     if not s:
         return f"_No results for profile `{profile}` yet: run `./run_all.sh --profile {profile}`._"
     head = f"Profile `{profile}`, model `{s['model']}`, commit `{s['commit']}`, {s['created'][:10]}.\n\n"
-    return head + k1_table(s) + "\n\n" + timings_line(s)
+    parts = [headline_table(s), k1_table(s), defense_table(s), probes_line(s), timings_line(s)]
+    return head + "\n\n".join(p for p in parts if p)
+
+
+def _block(kind: str, profile: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {kind}:{re.escape(profile)}:begin -->\n).*?(<!-- {kind}:{re.escape(profile)}:end -->)", re.S)
 
 
 def write_readme(profile: str) -> bool:
+    """Replace the README's generated blocks for ``profile``: results (tables) and gallery (figures)."""
     path = REPO_ROOT / "README.md"
     text = path.read_text()
-    pat = re.compile(rf"(<!-- results:{re.escape(profile)}:begin -->\n).*?(<!-- results:{re.escape(profile)}:end -->)", re.S)
-    if not pat.search(text):
+    if not _block("results", profile).search(text):
         return False
-    new = pat.sub(lambda m: m.group(1) + render(profile) + "\n" + m.group(2), text)
-    path.write_text(new)
+    for kind, body in (("results", render(profile)), ("gallery", gallery(profile))):
+        text = _block(kind, profile).sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    path.write_text(text)
     return True
 
 
-def readme_block(profile: str) -> str | None:
+def readme_block(profile: str, kind: str = "results") -> str | None:
     text = (REPO_ROOT / "README.md").read_text()
-    m = re.search(rf"<!-- results:{re.escape(profile)}:begin -->\n(.*?)<!-- results:{re.escape(profile)}:end -->", text, re.S)
+    m = re.search(rf"<!-- {kind}:{re.escape(profile)}:begin -->\n(.*?)<!-- {kind}:{re.escape(profile)}:end -->", text, re.S)
     return m.group(1).removesuffix("\n") if m else None
 
 
@@ -100,7 +176,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--headline", action="store_true", help="print only the headline tables (run_all.sh's summary)")
     a = ap.parse_args()
-    print(render(a.profile))
+    if a.headline:
+        s = read_summary(a.profile)
+        print("\n\n".join(p for p in (headline_table(s), defense_table(s)) if p) or render(a.profile))
+    else:
+        print(render(a.profile))
     if a.write_readme and not write_readme(a.profile):
         print(f"README.md has no results block for {a.profile}")

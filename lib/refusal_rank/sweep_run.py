@@ -34,8 +34,8 @@ from .directions import candidate_grid
 from .generation import cache_key
 from .metrics import kl_rows, rate_with_ci, refusal_labels
 from .models import ModelBundle
-from .pipeline import (TrainVal, cached_value, completions, filtered_train_val, logprobs_cached, mean_residuals,
-                       model_tag, scores_cached)
+from .pipeline import (MISSING, TrainVal, cached_value, completions, filtered_train_val, load_cached, logprobs_cached,
+                       mean_residuals, model_tag, save_cached, scores_cached)
 from .results import run_cache
 from .sweep import IteratedResult, iterated, optimized
 
@@ -198,7 +198,8 @@ def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
     dc = cfg["directions"]
     cands = candidate_grid(b.n_layers, b.n_post, dc["drop_last_frac"], dc["layer_stride"], dc.get("positions") or None)
     path = _basis_cache(ctx, "iterated", [cands, dc["max_kl"], dc["max_checks"]])
-    res: IteratedResult | None = torch.load(path, weights_only=False) if path.is_file() else None
+    res = load_cached(path)
+    res = None if res is MISSING else res
     if res is not None and (res.basis.shape[1] >= k or res.stopped_early):
         return res
 
@@ -213,9 +214,7 @@ def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
     res = iterated(b, harm, ok, cands, k, lambda U: val_score(ctx, U), lambda U: val_kl(ctx, U),
                    lambda U, l, v: val_induce(ctx, U, l, v), cfg["eval"]["fwd_batch_size"], max_kl=dc["max_kl"],
                    max_checks=dc["max_checks"], means=means, start=res)
-    tmp = path.with_suffix(".tmp")
-    torch.save(res, tmp)
-    tmp.replace(path)
+    save_cached(path, res)
     return res
 
 
