@@ -4,7 +4,9 @@
 
 Measures, in one run: the bf16 and fp32 matrix-product peak (GFLOP/s), tokens/s of the batched forward
 pass (plain, and with every layer's residual read through nnsight), and tokens/s of batched greedy
-generation. Writes results/<profile>/bench.json. A benchmark, not a timed test: numbers vary by machine.
+generation; and copies the wall time of each notebook from the profile's last run (summary.json's
+``timings_s``, with whether that run started from an empty cache). Writes results/<profile>/bench.json.
+A benchmark, not a timed test: numbers vary by machine.
 """
 from __future__ import annotations
 
@@ -55,6 +57,11 @@ def main() -> None:
               "threads": torch.get_num_threads(), "matmul_peak_gflops": {"bf16": round(peak, 1), "fp32": round(peak32, 1)},
               "batch": a.batch, "prompt_tokens": n_tok, "forward": fwd, "forward_nnsight_all_layers": nns,
               "generate": {**gen, "new_tokens_per_row": a.new_tokens, "note": "includes the prefill"}}
+    from refusal_rank.results import read_summary
+
+    summary = read_summary(cfg["profile"])
+    report["notebook_wall_s"] = {"seconds": summary.get("timings_s", {}), "from_empty_cache": summary.get("timings_fresh", {}),
+                                 "note": "from the last ./run_all.sh of this profile (summary.json)"}
     path = results_dir(cfg["profile"]) / "bench.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

@@ -170,20 +170,22 @@ def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float,
     return fig
 
 
-def k_break_frame(k_break: dict[str, Any], estimators: Sequence[str]):
-    """K_break table (models x estimators) as a DataFrame with K_break* beside it; None -> '> grid'."""
+def k_break_frame(k_break: dict[str, Any], estimators: Sequence[str], reached: dict[str, dict[str, int]]):
+    """K_break table (models x estimators) as a DataFrame with K_break* beside it; an unbroken cell reads
+    "> K" with the largest K that estimator reached."""
     import pandas as pd
 
     rows = {}
     for m, v in k_break.items():
         if m.endswith("_star"):
             continue
-        rows[m] = {e: (v.get(e) if v.get(e) is not None else "> grid") for e in estimators}
-        rows[m]["K_break*"] = k_break.get(f"{m}_star") if k_break.get(f"{m}_star") is not None else "> grid"
+        rows[m] = {e: (v.get(e) if v.get(e) is not None else f"> {reached.get(m, {}).get(e, '?')}") for e in estimators}
+        star = k_break.get(f"{m}_star")
+        rows[m]["K_break*"] = star if star is not None else f"> {min(reached.get(m, {}).values(), default='?')}"
     return pd.DataFrame(rows).T
 
 
-def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float) -> plt.Figure:
+def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float, n: dict[str, int]) -> plt.Figure:
     """Per layer and model: effective rank of the excess second moment, linear and MLP probe accuracy, k_chance."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     for m, by_layer in reports.items():
@@ -202,11 +204,12 @@ def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float
         ax.set_xlabel("layer (block input)")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def spectra(eigs: dict[str, torch.Tensor], layer_of: dict[str, int], top: int = 64) -> plt.Figure:
+def spectra(eigs: dict[str, torch.Tensor], layer_of: dict[str, int], n: int, top: int = 64) -> plt.Figure:
     """Leading eigenvalues of the excess second moment (harmful over harmless), normalised by the largest."""
     fig, ax = plt.subplots(figsize=(5.5, 3.3))
     for m, ev in eigs.items():
@@ -216,12 +219,12 @@ def spectra(eigs: dict[str, torch.Tensor], layer_of: dict[str, int], top: int = 
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue / largest")
     ax.legend(fontsize=7)
-    ax.set_title("Spectrum of the excess second moment (train split, pooled)", fontsize=9)
+    ax.set_title(f"Spectrum of the excess second moment (train split, pooled, n={n})", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: float) -> plt.Figure:
+def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: float, n: dict[str, int]) -> plt.Figure:
     """Linear probe accuracy vs directions removed, one panel per model, one line per basis."""
     models = list(curves)
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), sharey=True, squeeze=False)
@@ -235,5 +238,6 @@ def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: fl
         ax.set_title(m)
     axes[0][0].set_ylabel("linear probe accuracy (held out)")
     axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=9)
     fig.tight_layout()
     return fig

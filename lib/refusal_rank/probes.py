@@ -138,7 +138,7 @@ def inlp_curve(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: tor
 
 
 def layer_report(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, k_max: int,
-                 ks: Sequence[int], seed: int = 0, threshold: float = 0.60) -> dict[str, Any]:
+                 ks: Sequence[int], seed: int = 0, threshold: float = 0.60, mlp_hidden: int = 64) -> dict[str, Any]:
     """Spectrum (train split), linear and MLP probe accuracies and the INLP removal curve of one layer."""
     x, y = torch.from_numpy(_np(xtr)), _labels(ytr)
     vals = spectrum(x[torch.from_numpy(y == 1)], x[torch.from_numpy(y == 0)])
@@ -147,7 +147,7 @@ def layer_report(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: t
         "effective_rank": round(effective_rank(vals), 4),
         "top_eigvals": [float(f"{v:.6g}") for v in vals[:32].tolist()],
         "linear_acc": round(linear_probe_acc(xtr, ytr, xte, yte, seed=seed), 4),
-        "mlp_acc": round(mlp_probe_acc(xtr, ytr, xte, yte, seed=seed), 4),
+        "mlp_acc": round(mlp_probe_acc(xtr, ytr, xte, yte, hidden=mlp_hidden, seed=seed), 4),
         "acc_vs_removed": {int(k): round(float(v), 4) for k, v in curve.items()},
         "k_chance": k_chance(curve, threshold),
     }

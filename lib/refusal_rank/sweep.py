@@ -31,6 +31,7 @@ class IteratedResult:
     basis: torch.Tensor  # (d, K) float64
     rounds: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    first_norm: float | None = None  # round 1's difference-in-means norm (the early-stop reference)
 
 
 def iterated(bundle: ModelBundle, harmful_train: Sequence[str], harmless_train: Sequence[str],
@@ -57,8 +58,8 @@ def iterated(bundle: ModelBundle, harmful_train: Sequence[str], harmless_train: 
     result = IteratedResult(found)
     first_norm = None
     if start is not None:
-        found, first_norm = start.basis.clone(), (start.rounds[0]["norm"] if start.rounds else None)
-        result = IteratedResult(found, list(start.rounds), start.stopped_early)
+        found, first_norm = start.basis.clone(), start.first_norm
+        result = IteratedResult(found, list(start.rounds), start.stopped_early, first_norm)
         if start.stopped_early:
             return result
     for k in tqdm(range(found.shape[1], k_max), desc="iterated rounds", disable=not progress, leave=False):
@@ -76,7 +77,8 @@ def iterated(bundle: ModelBundle, harmful_train: Sequence[str], harmless_train: 
             induce_score=lambda layer, v: induce(prev, layer, v),
             max_kl=max_kl, max_checks=max_checks, progress=False)
         norm = sel.direction.norm().item()
-        first_norm = first_norm or norm
+        if first_norm is None:
+            first_norm = result.first_norm = norm
         if k > 0 and norm < min_norm_frac * first_norm:
             result.stopped_early = True
             break

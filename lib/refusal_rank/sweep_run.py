@@ -158,7 +158,11 @@ def dim_stack(ctx: AttackContext) -> torch.Tensor:
 
 
 def _basis_cache(ctx: AttackContext, name: str, knobs: Any):
-    key = cache_key(model_tag(ctx.cfg, ctx.bundle), name, knobs, [p.id for p in ctx.tv.harmful_train + ctx.tv.harmless_train])
+    """Cache file of one estimator's basis: keyed by the model, the estimator's knobs, the grid the
+    activations were read at, the seed and every prompt (train and val) it saw."""
+    tv = ctx.tv
+    key = cache_key(model_tag(ctx.cfg, ctx.bundle), name, knobs, ctx.layers, ctx.bundle.n_post, ctx.cfg["seed"],
+                    [p.id for p in tv.harmful_train + tv.harmless_train + tv.harmful_val + tv.harmless_val])
     return run_cache(ctx.cfg, "bases") / f"{name}-{key}.pt"
 
 
@@ -177,7 +181,8 @@ def estimator_basis(ctx: AttackContext, name: str, k_max: int) -> dict[str, Any]
             h, o = ctx.site(l, p)
             return {"basis": one_layer_basis(name, h, o, k_max, seed, sc["inlp_max_iter"]),
                     "info": {"layer": l, "position": p, "val_scores": scores}}
-        return cached_value(_basis_cache(ctx, name, [k_max, sc["site_layer_stride"], sc.get("site_positions")]), make)
+        return cached_value(_basis_cache(ctx, name, [k_max, sc["site_layer_stride"], sc.get("site_positions"), sc["inlp_max_iter"],
+                                                     ctx.cfg["directions"]["drop_last_frac"]]), make)
     if name == "optimized":
         oc = sc["optimized"]
         def make():
@@ -188,20 +193,20 @@ def estimator_basis(ctx: AttackContext, name: str, k_max: int) -> dict[str, Any]
             basis, hist = optimized(ctx.bundle, [p.text for p in ctx.tv.harmful_train], [p.text for p in ctx.tv.harmless_train],
                                     ref, init, ks, oc["steps"], oc["lr"], oc["lambda_kl"], oc["batch_per_class"], seed)
             return {"basis": basis, "info": {"ks": ks, "history": hist}}
-        return cached_value(_basis_cache(ctx, name, [k_max, oc]), make)
+        return cached_value(_basis_cache(ctx, name, [k_max, oc, sc["k_grid"]]), make)
     raise ValueError(f"unknown estimator {name!r}")
 
 
 def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
-    """The paper's attacker extended (and cached) to at least ``k`` rounds, unless it stopped early."""
+    """The paper's attacker extended to at least ``k`` rounds (unless it stopped early), cached after
+    every round so that an interruption loses at most the round in progress."""
     cfg, b = ctx.cfg, ctx.bundle
     dc = cfg["directions"]
     cands = candidate_grid(b.n_layers, b.n_post, dc["drop_last_frac"], dc["layer_stride"], dc.get("positions") or None)
     path = _basis_cache(ctx, "iterated", [cands, dc["max_kl"], dc["max_checks"]])
     res = load_cached(path)
     res = None if res is MISSING else res
-    if res is not None and (res.basis.shape[1] >= k or res.stopped_early):
-        return res
+    harm, ok = [p.text for p in ctx.tv.harmful_train], [p.text for p in ctx.tv.harmless_train]
 
     def means(U: torch.Tensor, prompts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
         split = ctx.tv.harmful_train if prompts is harm else ctx.tv.harmless_train
@@ -210,11 +215,12 @@ def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
         return collect_residuals(b, prompts, cfg["eval"]["fwd_batch_size"], layers=layers, intervention=Ablation(U),
                                  desc="iterated acts").double().mean(0)
 
-    harm, ok = [p.text for p in ctx.tv.harmful_train], [p.text for p in ctx.tv.harmless_train]
-    res = iterated(b, harm, ok, cands, k, lambda U: val_score(ctx, U), lambda U: val_kl(ctx, U),
-                   lambda U, l, v: val_induce(ctx, U, l, v), cfg["eval"]["fwd_batch_size"], max_kl=dc["max_kl"],
-                   max_checks=dc["max_checks"], means=means, start=res)
-    save_cached(path, res)
+    while res is None or (res.basis.shape[1] < k and not res.stopped_early):
+        done = 0 if res is None else res.basis.shape[1]
+        res = iterated(b, harm, ok, cands, done + 1, lambda U: val_score(ctx, U), lambda U: val_kl(ctx, U),
+                       lambda U, l, v: val_induce(ctx, U, l, v), cfg["eval"]["fwd_batch_size"], max_kl=dc["max_kl"],
+                       max_checks=dc["max_checks"], means=means, start=res, progress=False)
+        save_cached(path, res)
     return res
 
 
@@ -230,9 +236,11 @@ def ce_reference(cfg: dict[str, Any], sets_harmless: Sequence[D.Prompt], base_co
 
 
 def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompts: Sequence[D.Prompt],
-               gen_below: float) -> dict[str, Any]:
-    """With span(U) edited out of the weights: the refusal-score summary, and the generated refusal rate
-    when the score proxy (share of prompts with a positive refusal score) is below ``gen_below``."""
+               gen_below: float, ce_ref=None) -> dict[str, Any]:
+    """With span(U) edited out of the weights: the refusal-score summary and, when the score proxy (share
+    of prompts with a positive refusal score) is below ``gen_below``, the generated (marker-judged)
+    refusal rate with examples and the CE on the original's harmless completions under the same edit.
+    ``gen_below`` > 1 forces generation."""
     with orthogonalized(bundle, U):
         s = scores_cached(cfg, bundle, prompts, desc=f"score K={U.shape[1]}")
         out: dict[str, Any] = {"mean_score": round(s.mean().item(), 4), "score_rate": round((s > 0).float().mean().item(), 4)}
@@ -241,12 +249,15 @@ def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompt
             out["refusal_rate_harmful"] = rate_with_ci(refusal_labels([c["text"] for c in comps]), cfg["eval"]["n_boot"], cfg["seed"])
             out["examples"] = [{"prompt": p.text[:200], "completion": c["text"]} for p, c in
                                list(zip(prompts, comps))[:cfg["eval"]["n_examples"]]]
+    if "refusal_rate_harmful" in out and ce_ref is not None:
+        out["ce_harmless"] = ce_under(cfg, bundle, U, ce_ref)
     return out
 
 
 def ce_under(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor | None, ref: tuple[list[D.Prompt], list[list[int]]]) -> float:
+    """CE of the model (with span(U) edited out, if given) on the reference completions, cached."""
     prompts, ids = ref
-    key = cache_key(model_tag(cfg, bundle), tensor_tag(U) if U is not None else "", [p.id for p in prompts], "ce")
+    key = cache_key(model_tag(cfg, bundle), tensor_tag(U) if U is not None else "", [p.id for p in prompts], ids, "ce")
 
     def compute() -> float:
         if U is None:
@@ -256,36 +267,58 @@ def ce_under(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor | None, r
     return round(float(cached_value(run_cache(cfg, "ce") / f"{key}.pt", compute)), 5)
 
 
+def k_values(cfg: dict[str, Any], name: str) -> list[int]:
+    """The K an estimator is walked through: the grid, or every K up to the cap for ``iterated``."""
+    sc = cfg["sweep"]
+    if name == "iterated":
+        return list(range(1, min(sc.get("iterated_k_max") or max(sc["k_grid"]), max(sc["k_grid"])) + 1))
+    return sorted(sc["k_grid"])
+
+
 def sweep_estimator(ctx: AttackContext, name: str, prompts: Sequence[D.Prompt], ce_ref) -> dict[str, Any]:
-    """Walk the K grid for one estimator (see the module docstring for the rule)."""
-    sc = ctx.cfg["sweep"]
-    grid = sorted(sc["k_grid"])
+    """Walk the K values of one estimator. Every K is scored; generation runs where the score proxy is
+    below ``gen_below`` and always at the largest K reached, so that "not broken" is a generated result.
+    When a generated K breaks, the smaller K the proxy skipped are generated downwards until one holds:
+    K_break is a generated break whose next smaller K was generated and held (or is the first K)."""
+    cfg, sc = ctx.cfg, ctx.cfg["sweep"]
     per_k: dict[int, dict[str, Any]] = {}
     info: dict[str, Any] = {}
-    k_break, last_U = None, None
-    for K in grid:
+    bases: dict[int, torch.Tensor] = {}
+    broken = lambda K: "refusal_rate_harmful" in per_k[K] and per_k[K]["refusal_rate_harmful"]["rate"] < sc["threshold"]
+    force = 2.0  # a gen_below that always generates
+    k_break = None
+    for K in k_values(cfg, name):
         if name == "iterated":
             res = iterated_basis(ctx, K)
             info = {"rounds": res.rounds, "stopped_early": res.stopped_early}
             basis = res.basis
         else:
-            got = estimator_basis(ctx, name, max(grid))
+            got = estimator_basis(ctx, name, max(sc["k_grid"]))
             basis, info = got["basis"], {k: v for k, v in got["info"].items() if k != "history"}
         if basis.shape[1] < K:
-            info["k_available"] = basis.shape[1]
             break
-        U = basis[:, :K]
-        r = evaluate_k(ctx.cfg, ctx.bundle, U, prompts, sc["gen_below"])
-        per_k[K] = r
-        last_U = U
-        rate = r.get("refusal_rate_harmful", {}).get("rate")
-        if rate is not None and rate < sc["threshold"] and k_break is None:
+        bases[K] = basis[:, :K]
+        per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, sc["gen_below"], ce_ref)
+        if k_break is None and broken(K):
             k_break = K
             if sc["stop_after_break"]:
                 break
-    ce = ce_under(ctx.cfg, ctx.bundle, last_U, ce_ref) if last_U is not None else None
-    return {"per_k": per_k, "k_break": k_break, "ce_harmless_at_k": ce,
-            "ce_k": (k_break if k_break is not None else (max(per_k) if per_k else None)), "info": info}
+    if per_k and k_break is None:  # confirm "not broken" by generating at the largest K reached
+        K = max(per_k)
+        if "refusal_rate_harmful" not in per_k[K]:
+            per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, force, ce_ref)
+        k_break = K if broken(K) else None
+    if k_break is not None:  # walk down through the K the proxy skipped
+        for K in sorted((k for k in per_k if k < k_break), reverse=True):
+            if "refusal_rate_harmful" not in per_k[K]:
+                per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, force, ce_ref)
+            if not broken(K):
+                break
+            k_break = K
+    info["k_reached"] = max(per_k) if per_k else 0
+    ce_k = k_break if k_break is not None else (info["k_reached"] or None)
+    return {"per_k": per_k, "k_break": k_break, "ce_k": ce_k,
+            "ce_harmless_at_k": per_k[ce_k].get("ce_harmless") if ce_k else None, "info": info}
 
 
 def k_break_table(sweeps: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -299,8 +332,19 @@ def k_break_table(sweeps: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any
 
 
 def sweep_summary(sweeps: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The summary's ``sweep`` section: per model and estimator, per K, the scored and generated rates."""
-    return {m: {e: {str(K): {"refusal_rate_harmful": r.get("refusal_rate_harmful", {}).get("rate"),
-                             "ci": [r["refusal_rate_harmful"]["lo"], r["refusal_rate_harmful"]["hi"]] if "refusal_rate_harmful" in r else None,
-                             "score_rate": r["score_rate"], "mean_score": r["mean_score"]}
+    """The summary's ``sweep`` section as the results contract has it: {model: {estimator: {K: generated
+    harmful refusal rate}}}, null where only the refusal score was measured (see ``sweep_details``)."""
+    return {m: {e: {str(K): (r["refusal_rate_harmful"]["rate"] if "refusal_rate_harmful" in r else None)
                     for K, r in res["per_k"].items()} for e, res in by_est.items()} for m, by_est in sweeps.items()}
+
+
+def sweep_details(sweeps: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Everything measured per model, estimator and K (score proxy, interval, CE), and what the attacker chose."""
+    out: dict[str, Any] = {}
+    for m, by_est in sweeps.items():
+        out[m] = {}
+        for e, res in by_est.items():
+            per_k = {str(K): {k: v for k, v in r.items() if k != "examples"} for K, r in res["per_k"].items()}
+            out[m][e] = {"k_break": res["k_break"], "ce_k": res["ce_k"], "ce_harmless_at_k": res["ce_harmless_at_k"],
+                         "per_k": per_k, "info": res["info"]}
+    return out

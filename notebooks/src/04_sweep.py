@@ -80,18 +80,19 @@ plotting.save(fig, cfg, "04_1_refusal_vs_k")
 
 # %% [markdown]
 # ## 2 · K_break
-# Models × estimators; "> grid" means not broken at any K the estimator reached (its largest K is in the
-# sweep section of `summary.json`). The last column, K*_break, is the attack cost: the cheapest estimator.
+# Models × estimators; "> K" means not broken at any K up to the largest the estimator reached (confirmed by
+# generation there). The last column, K*_break, is the attack cost: the cheapest estimator.
 
 # %%
 kb = S.k_break_table(sweeps)
-table = plotting.k_break_frame(kb, estimators)
+reached = {m: {e: r["info"]["k_reached"] for e, r in by.items()} for m, by in sweeps.items()}
+table = plotting.k_break_frame(kb, estimators, reached)
 table.style.set_properties(subset=["K_break*"], **{"font-weight": "bold"})
 
 # %%
 coherence = pd.DataFrame({m: {e: f"{r['ce_harmless_at_k']} (K={r['ce_k']})" for e, r in sweeps[m].items()} for m in sweeps}).T
 coherence.insert(0, "no ablation", pd.Series(ce_plain))
-coherence  # CE on the original's harmless completions under each attacker's ablation at its K_break
+coherence  # CE on the original's harmless completions: unablated, and under each attacker's ablation at K_break (or its largest K)
 
 # %% [markdown]
 # ## 3 · What the broken models write
@@ -110,8 +111,8 @@ for m in sweeps:
 update_summary(cfg,
                sweep=S.sweep_summary(sweeps),
                k_break=kb,
-               sweep_details={m: {e: {"k_break": r["k_break"], "ce_harmless_at_k": r["ce_harmless_at_k"], "ce_k": r["ce_k"],
-                                      "info": r["info"]} for e, r in by.items()} for m, by in sweeps.items()},
+               sweep_details=S.sweep_details(sweeps),
                sweep_ce_no_ablation=ce_plain,
+               sweep_config={k: sc[k] for k in ("threshold", "gen_below", "k_grid", "iterated_k_max", "n_test_per_source", "n_ce_harmless")},
                **timing("04_sweep", t0))
 print(f"04 done in {time.perf_counter() - t0:.0f} s")

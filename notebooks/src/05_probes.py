@@ -45,39 +45,40 @@ print(f"held-out probe test: {len(harm_test)} harmful, {len(ok_test)} harmless")
 # ## 1 · Per layer: spectrum, probes, k_chance
 
 # %%
-reports, eigs, site, removal = {}, {}, {}, {}
+reports, eigs, site, removal, removal_k_chance = {}, {}, {}, {}, {}
 for m in cfg["sweep"]["models"]:
     bundle = S.load_attacked(cfg, m)
     ctx = S.attack_context(cfg, bundle)
-    layers = ctx.layers[::pc["layer_stride"]]
-    te_h = S.grid_acts(cfg, bundle, harm_test, ctx.layers, "harmful test acts").float().mean(2)  # pooled: (n, L, d)
-    te_o = S.grid_acts(cfg, bundle, ok_test, ctx.layers, "harmless test acts").float().mean(2)
-    tr_h, tr_o = ctx.harm.float().mean(2), ctx.ok.float().mean(2)
-    ytr = torch.cat([torch.ones(len(tr_h)), torch.zeros(len(tr_o))])
-    yte = torch.cat([torch.ones(len(te_h)), torch.zeros(len(te_o))])
-    reports[m] = {}
-    for l in layers:
-        i = ctx.layers.index(l)
-        if (tr_h[:, i].mean(0) - tr_o[:, i].mean(0)).norm() < 1e-6:
-            continue  # layer 0: pooled template tokens are identical across prompts
-        reports[m][l] = Q.layer_report(torch.cat([tr_h[:, i], tr_o[:, i]]), ytr, torch.cat([te_h[:, i], te_o[:, i]]), yte,
-                                       pc["inlp_k_max"], pc["ks"], cfg["seed"], pc["threshold"])
-    # the attacker's layer: the one of its first iterated direction (notebook 01's procedure on these weights)
+    # the attacker's layer: that of the iterated attacker's first direction (notebook 01's procedure on these weights)
     site[m] = S.iterated_basis(ctx, 1).rounds[0]["layer"]
-    l = min(reports[m], key=lambda x: abs(x - site[m]))
-    i = ctx.layers.index(l)
-    site[m] = l
-    eigs[m] = Q.spectrum(tr_h[:, i], tr_o[:, i])
-    xtr, xte = torch.cat([tr_h[:, i], tr_o[:, i]]), torch.cat([te_h[:, i], te_o[:, i]])
-    removal[m] = {"inlp": reports[m][l]["acc_vs_removed"]}
+    layers = sorted(set(range(0, bundle.n_layers, pc["layer_stride"])) | {site[m]})
+    pooled = {}
+    for split, ps in (("train_h", ctx.tv.harmful_train), ("train_o", ctx.tv.harmless_train), ("test_h", harm_test), ("test_o", ok_test)):
+        pooled[split] = S.grid_acts(cfg, bundle, ps, layers, f"{split} acts").float().mean(2)  # (n, layers, d): pooled positions
+    ytr = torch.cat([torch.ones(len(pooled["train_h"])), torch.zeros(len(pooled["train_o"]))])
+    yte = torch.cat([torch.ones(len(pooled["test_h"])), torch.zeros(len(pooled["test_o"]))])
+    xs = lambda i: (torch.cat([pooled["train_h"][:, i], pooled["train_o"][:, i]]), torch.cat([pooled["test_h"][:, i], pooled["test_o"][:, i]]))
+    reports[m] = {}
+    for i, l in enumerate(layers):
+        if (pooled["train_h"][:, i].mean(0) - pooled["train_o"][:, i].mean(0)).norm() < 1e-6:
+            continue  # layer 0: the pooled template tokens are identical for every prompt
+        xtr, xte = xs(i)
+        reports[m][l] = Q.layer_report(xtr, ytr, xte, yte, pc["inlp_k_max"], pc["ks"], cfg["seed"], pc["threshold"], pc["mlp_hidden"])
+    i = layers.index(site[m])
+    eigs[m] = Q.spectrum(pooled["train_h"][:, i], pooled["train_o"][:, i])
+    xtr, xte = xs(i)
+    removal[m] = {"inlp": reports[m][site[m]]["acc_vs_removed"]}
+    # the iterated attacker contributes the directions notebook 04 computed (at least one); the others their bases
     for e in S.check_estimators(cfg["sweep"]["estimators"]):
         basis = (S.iterated_basis(ctx, 1).basis if e == "iterated"
                  else S.estimator_basis(ctx, e, max(cfg["sweep"]["k_grid"]))["basis"])
         removal[m][e] = Q.acc_vs_removed(xtr, ytr, xte, yte, basis.float(), pc["ks"], cfg["seed"])
+    removal_k_chance[m] = {e: Q.k_chance(c, pc["threshold"]) for e, c in removal[m].items()}
     del bundle, ctx
+n_probe = {"train": len(ytr), "test": len(yte)}
 
 # %%
-fig = plotting.probe_layers(reports, pc["threshold"])
+fig = plotting.probe_layers(reports, pc["threshold"], n_probe)
 plotting.save(fig, cfg, "05_1_probes_per_layer")
 pd.DataFrame({m: {l: r["k_chance"] for l, r in by.items()} for m, by in reports.items()})  # k_chance per layer (None: > inlp_k_max)
 
@@ -85,7 +86,7 @@ pd.DataFrame({m: {l: r["k_chance"] for l, r in by.items()} for m, by in reports.
 # ## 2 · Spectra at the attacker's layer
 
 # %%
-fig = plotting.spectra(eigs, site)
+fig = plotting.spectra(eigs, site, n_probe["train"])
 plotting.save(fig, cfg, "05_2_spectra")
 pd.DataFrame({m: {"layer": site[m], "effective_rank": reports[m][site[m]]["effective_rank"],
                   "linear_acc": reports[m][site[m]]["linear_acc"], "mlp_acc": reports[m][site[m]]["mlp_acc"],
@@ -97,14 +98,18 @@ pd.DataFrame({m: {"layer": site[m], "effective_rank": reports[m][site[m]]["effec
 # directions it computed there; the others their first K).
 
 # %%
-fig = plotting.removal_curves(removal, pc["threshold"])
+fig = plotting.removal_curves(removal, pc["threshold"], n_probe)
 plotting.save(fig, cfg, "05_3_probe_vs_removed")
+pd.DataFrame(removal_k_chance).T  # k_chance per model and basis at the attacker's layer (None: not reached within the curve)
 
 # %%
 update_summary(cfg,
-               probes={m: {str(l): {k: r[k] for k in ("effective_rank", "k_chance", "linear_acc", "mlp_acc")}
+               probes={m: {str(l): {**{k: r[k] for k in ("effective_rank", "k_chance", "linear_acc", "mlp_acc")},
+                                    "top_eigvals": r["top_eigvals"][:8]}
                            for l, r in by.items()} for m, by in reports.items()},
-               probes_site={m: {"layer": site[m], "removal": {e: {str(k): v for k, v in c.items()} for e, c in removal[m].items()}}
+               probes_site={m: {"layer": site[m], "k_chance": removal_k_chance[m],
+                                "removal": {e: {str(k): v for k, v in c.items()} for e, c in removal[m].items()}}
                             for m in removal},
+               probes_n=n_probe,
                **timing("05_probes", t0))
 print(f"05 done in {time.perf_counter() - t0:.0f} s")
