@@ -33,7 +33,7 @@ def tensor_tag(t: torch.Tensor) -> str:
 
 def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """x - U U^T x along the last dimension."""
-    b = basis.to(x.dtype)
+    b = basis.to(x.device, x.dtype)
     return x - (x @ b) @ b.T
 
 

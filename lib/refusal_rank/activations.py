@@ -80,7 +80,7 @@ def run_interventions(lm: Any, intervention: Intervention, n_layers: int,
 
     def block_input(layer: int, site: Any) -> None:
         if add is not None and add.layer == layer:
-            site.output[:] += add.vector.to(site.output.dtype) * add.coeff
+            site.output[:] += add.vector.to(site.output.device, site.output.dtype) * add.coeff
         if layer in read:
             saved.append(site.output[:, -n_pos:, :].save())
 

@@ -68,7 +68,7 @@ def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.T
 
 def kl_rows(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(ref || model) per row, from log-probabilities."""
-    ref = logp_ref.double()
+    ref = logp_ref.double().to(logp.device)  # the reference may be cached on the CPU
     return (ref.exp() * (ref - logp.double())).sum(-1).float()
 
 
