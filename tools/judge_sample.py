@@ -4,7 +4,8 @@
     python tools/judge_sample.py --profile cpu --out /tmp/defended.jsonl --models defended --per 40,30,10
 
 Reads the completions of notebook 02 (original and K=1-ablated) or of a trained variant of notebook 03
-from the generation cache by re-deriving their cache keys (no generation happens if the cache is warm),
+from the generation cache by re-deriving their cache keys (no model is loaded: it fails clearly if the
+notebook that generates them has not run),
 samples per (model, set),
 and writes rows {id, model, set, prompt_id, prompt, completion} without any judge verdict, so that the
 labeller is blind to the markers.
@@ -15,13 +16,25 @@ import argparse
 import json
 import random
 
+from types import SimpleNamespace
+
 from refusal_rank import pipeline as P
-from refusal_rank.ablation import orthogonalized
+from refusal_rank.ablation import tensor_tag
 from refusal_rank.config import load_config
-from refusal_rank.models import load_model
 from refusal_rank.results import load_artifact
 
 PER = {"harmful": 60, "harmless": 40, "overrefusal": 20}
+
+
+def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
+    """The name and weight-edit tag under which each model's completions were cached (no model is loaded)."""
+    from refusal_rank.defense_run import variant_dir
+
+    if model == "original":
+        return SimpleNamespace(name=cfg["model"]["name"], edit="")
+    if model == "k1_ablated":
+        return SimpleNamespace(name=cfg["model"]["name"], edit=f"+orth1:{tensor_tag(u)}")
+    return SimpleNamespace(name=f"{model}-{variant_dir(cfg, model).name}", edit="")
 
 
 def main() -> None:
@@ -33,25 +46,14 @@ def main() -> None:
     a = ap.parse_args()
     cfg = load_config(a.profile)
     per = dict(zip(PER, map(int, a.per.split(",")))) if a.per else PER
-    models = a.models.split(",")
-    base = load_model(cfg) if {"original", "k1_ablated"} & set(models) else None
     found = load_artifact(cfg, "direction.pt", "01_directions")
     u = (found["direction"] / found["direction"].norm())[:, None]
     sets = P.test_sets(cfg)
     rows = []
-    for model in models:
-        if model in ("original", "k1_ablated"):
-            bundle = base
-        else:
-            from refusal_rank.defense_run import load_variant
-
-            bundle = load_variant(cfg, model)
+    for model in a.models.split(","):
+        who = stand_in(cfg, model, u)
         for name, prompts in sets.items():
-            if model == "k1_ablated":
-                with orthogonalized(bundle, u):
-                    comps = P.completions(cfg, bundle, prompts)
-            else:
-                comps = P.completions(cfg, bundle, prompts)
+            comps = P.read_completions(P.completions_path(cfg, who, prompts), len(prompts))
             idx = list(range(len(prompts)))
             random.Random(f"judge-{model}-{name}").shuffle(idx)
             for i in idx[:per[name]]:

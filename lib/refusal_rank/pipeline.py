@@ -219,15 +219,38 @@ def test_sets(cfg: dict[str, Any]) -> TestSets:
     )
 
 
+def completions_path(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Intervention = None) -> Path:
+    """The generation cache file of these prompts for this model (name and weight edit) and intervention.
+    Only ``bundle.name`` and ``bundle.edit`` are read, so a stand-in object finds cached completions
+    without loading a model."""
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], cfg["eval"]["max_new_tokens"],
+                    str(type(intervention).__name__), tensor_tag(intervention.vector) if isinstance(intervention, ActAdd) else "",
+                    getattr(intervention, "layer", ""), getattr(intervention, "coeff", ""))
+    return run_cache(cfg, "gen") / f"{key}.jsonl"
+
+
+def read_completions(path: Path, n: int) -> list[dict[str, Any]]:
+    """Completions from a finished generation cache file, in prompt order; a clear error if incomplete."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[r["i"]] = r
+    missing = [i for i in range(n) if i not in rows]
+    if missing:
+        raise FileNotFoundError(f"{path} holds {n - len(missing)} of {n} completions: run the notebook that generates them first.")
+    return [{"text": rows[i]["text"], "ids": rows[i]["ids"]} for i in range(n)]
+
+
 def completions(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Intervention = None,
                 desc: str = "generate") -> list[dict[str, Any]]:
     """Greedy completions of the bundle (with any weight edit applied), resumable."""
     e = cfg["eval"]
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], e["max_new_tokens"],
-                    str(type(intervention).__name__), tensor_tag(intervention.vector) if isinstance(intervention, ActAdd) else "",
-                    getattr(intervention, "layer", ""), getattr(intervention, "coeff", ""))
     return generate(bundle, [p.text for p in prompts], e["max_new_tokens"], e["gen_batch_size"], intervention,
-                    cache_file=run_cache(cfg, "gen") / f"{key}.jsonl", desc=desc)
+                    cache_file=completions_path(cfg, bundle, prompts, intervention), desc=desc)
 
 
 def rates_by_source(cfg, prompts: Sequence[D.Prompt], comps: Sequence[dict[str, Any]]) -> dict[str, Any]:
