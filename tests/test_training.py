@@ -15,7 +15,7 @@ def _setup(cfg):
     harm = [p.text for p in D.split_prompts("harmful_train", 12, 0)]
     ok = [p.text for p in D.split_prompts("harmless_train", 12, 0)]
     layers = list(range(b.n_layers))
-    teacher = teacher_cache(b, harm + ok, layers, 8)
+    teacher = teacher_cache(b, harm + ok, layers, 8, per_position=True)
     peft_model = attach_lora(b.model, cfg["defense"]["lora"], seed=0)
     b._nnsight = None
     return b, peft_model, harm, ok, layers, teacher
@@ -30,7 +30,7 @@ def test_batches_are_balanced_and_a_function_of_step():
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.parametrize("name", ["defended", "kl_only", "ablation_aware"])
+@pytest.mark.parametrize("name", ["defended", "kl_only", "ablation_aware", "mean_matched"])
 def test_every_variant_trains(tiny_cfg, tmp_path, name):
     b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
     before = trainable_state(b.model)
@@ -39,6 +39,7 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     assert state.step == tiny_cfg["defense"]["train"]["steps"]
     terms = set(state.history[-1])
     assert {"lm", "kd"} <= terms and (("cov" in terms) == (v.lambda_cov > 0)) and (("abl" in terms) == (v.lambda_abl > 0))
+    assert ("mean" in terms) == (v.lambda_mean > 0)
     after = trainable_state(b.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     if v.lambda_cov:
@@ -69,3 +70,27 @@ def test_nan_loss_stops_with_clear_message(tiny_cfg, tmp_path):
     v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
     with pytest.raises(TrainingDiverged, match="training stopped.*last checkpoint"):
         train(b, v, tiny_cfg["defense"]["train"], harm, ok, bad, layers, tmp_path / "c.pt", log=lambda *_: None)
+
+
+def test_per_position_teacher_statistics_match_a_direct_computation(tiny_cfg):
+    from refusal_rank.activations import encode
+
+    b = bundle_from_pretrained(checkpoint_dir(tiny_cfg, log=lambda *_: None), tiny_cfg)
+    texts = [p.text for p in D.split_prompts("harmful_train", 6, 0)] + [p.text for p in D.split_prompts("harmless_train", 6, 0)]
+    layers = [1, 2]
+    t = teacher_cache(b, texts, layers, 4, per_position=True)
+    with torch.no_grad():
+        hs = b.model(**encode(b, texts), output_hidden_states=True).hidden_states
+    # decoder layer l's output is HF's hidden_states[l + 1]; the last n_post positions are post-instruction
+    direct = torch.stack([hs[l + 1][:, -b.n_post:, :] for l in layers], 1).double().flatten(1, 2)  # (N, L*P, d)
+    assert torch.allclose(t.position_standardizer.mean.double(), direct.mean(0), atol=1e-4)
+    assert torch.allclose(t.position_standardizer.std.double(), direct.std(0).clamp_min(1e-4), atol=1e-4)
+    assert torch.allclose(t.standardizer.mean.double(), direct.reshape(len(texts), len(layers), b.n_post, -1).mean(2).mean(0), atol=1e-4)
+
+
+def test_per_position_variant_needs_per_position_teacher(tiny_cfg, tmp_path):
+    b, _, harm, ok, layers, _ = _setup(tiny_cfg)
+    plain = teacher_cache(b, harm + ok, layers, 8)
+    v = Variant.from_cfg("mean_matched", tiny_cfg["defense"]["variants"]["mean_matched"])
+    with pytest.raises(ValueError, match="per_position=True"):
+        train(b, v, tiny_cfg["defense"]["train"], harm, ok, plain, layers, tmp_path / "c.pt", log=lambda *_: None)

@@ -39,13 +39,15 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     return run_cache(cfg, "defense", f"{name}-{key}")
 
 
-def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int]) -> TeacherCache:
+def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int],
+                   per_position: bool = False) -> TeacherCache:
     from .pipeline import CACHE_VERSION, cached_value
 
     # the teacher is the original model whatever the student is called: one cache for every variant
-    key = cache_key(f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:original", texts, layers, bundle.n_post)
+    key = cache_key(f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:original", texts, layers, bundle.n_post,
+                    *(["per-position"] if per_position else []))
     return cached_value(run_cache(cfg, "teacher") / f"{key}.pt",
-                        lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"]))
+                        lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"], per_position))
 
 
 def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print) -> dict[str, Any]:
@@ -58,8 +60,9 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     bundle = bundle_from_pretrained(checkpoint_dir(cfg, log=log), cfg, name=f"{name}-student")
     harm, ok = defense_prompts(cfg)
     layers = defense_layers(cfg, bundle.n_layers)
-    teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers)
     dc = cfg["defense"]
+    per_position = dc["variants"][name].get("moment_sites") == "positions"
+    teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers, per_position)
     if dc["method"] == "lora":
         peft_model = attach_lora(bundle.model, dc["lora"], cfg["seed"])
         bundle._nnsight = None  # rebuild the nnsight wrapper over the adapted modules

@@ -72,15 +72,17 @@ def timings_line(s: dict[str, Any]) -> str:
 
 
 MODEL_ROWS = (("defended", "defended (covariance matching + KD)"), ("kl_only", "control: KL only (prompt LM + KD)"),
-              ("ablation_aware", "control: ablation-aware KD"))
-PAPER_K = {"base": "1", "defended": ">= 16", "kl_only": "n/a (not reported)", "ablation_aware": "n/a (not in the paper)"}
+              ("ablation_aware", "control: ablation-aware KD"), ("mean_matched", "named variant: per-position mean matching + KD"))
+PAPER_K = {"base": "1", "defended": ">= 16", "kl_only": "n/a (not reported)", "ablation_aware": "n/a (not in the paper)",
+           "mean_matched": "11 (their L1 mean matching + KD, pooled)"}
 
 
 def defense_table(s: dict[str, Any]) -> str:
     """Notebook 03's before/after table: the original and every trained model on the test sets."""
     base = s.get("base", {})
     rows = [("original", {**base, "attack_k1": s.get("attack_k1")})]
-    rows += [(label, s.get("defended") if key == "defended" else s.get("controls", {}).get(key)) for key, label in MODEL_ROWS]
+    section = lambda key: s.get("defended") if key == "defended" else (s.get("controls", {}).get(key) or s.get("named_variants", {}).get(key))
+    rows += [(label, section(key)) for key, label in MODEL_ROWS]
     rows = [(label, r) for label, r in rows if r]
     if len(rows) < 2:
         return ""

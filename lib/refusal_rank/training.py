@@ -46,6 +46,8 @@ class Variant:
     lambda_mean: float = 0.0
     lambda_lm: float = 1.0
     lambda_abl: float = 0.0  # ablation-aware distillation
+    moment_sites: str = "pooled"  # "pooled": mean over post-instruction positions; "positions": each position
+    moment_depth: float = 1.0  # match moments at layers below this fraction of depth (0.8: where attackers look)
     k_max: int = 16
     refresh_every: int = 10
     abl_per_class: int = 0  # prompts of each class run under ablation (0: the whole batch)
@@ -60,8 +62,9 @@ class TeacherCache:
     """Fixed teacher outputs for the training prompts."""
 
     logits: torch.Tensor  # (N, V) float16, last prompt position
-    standardizer: Standardizer
+    standardizer: Standardizer  # per layer, of the pooled representations: (L, d)
     ids: list[str] = field(default_factory=list)
+    position_standardizer: Standardizer | None = None  # per (layer, position), flattened: (L * n_post, d)
 
 
 def pooled_layer_outputs(lm: Any, n_layers: int, n_post: int, layers: Sequence[int], saved: list) -> None:
@@ -70,23 +73,44 @@ def pooled_layer_outputs(lm: Any, n_layers: int, n_post: int, layers: Sequence[i
         saved.append(lm.model.layers[layer].output[:, -n_post:, :].mean(1).save())
 
 
+def position_layer_outputs(lm: Any, n_post: int, layers: Sequence[int], saved: list) -> None:
+    """Inside an nnsight trace: save each layer's output at every post-instruction position, (B, n_post, d)."""
+    for layer in layers:
+        saved.append(lm.model.layers[layer].output[:, -n_post:, :].save())
+
+
 @torch.no_grad()  # not inference_mode: these tensors enter the student's autograd graph as constants
-def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[int], batch_size: int) -> TeacherCache:
-    """Last-position logits and pooled layer statistics of the (original) model on ``prompts``."""
+def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[int], batch_size: int,
+                  per_position: bool = False) -> TeacherCache:
+    """Last-position logits and pooled layer statistics of the (original) model on ``prompts``; with
+    ``per_position`` also the statistics of every (layer, post-instruction position), accumulated in
+    float64 sums (the (N, L, n_post, d) activations are never held at once)."""
     from .activations import length_batches
 
     lm = bundle.lm
     logits = torch.empty(len(prompts), bundle.model.config.vocab_size, dtype=torch.float16)
     pooled = torch.empty(len(prompts), len(layers), bundle.d_model, dtype=torch.float32)
+    s1 = s2 = None
     for idx in tqdm(list(length_batches(bundle, prompts, batch_size)), desc="teacher", leave=False):
         enc = encode(bundle, [prompts[i] for i in idx])
         saved: list[Any] = []
         with lm.trace(enc, logits_to_keep=1):
-            pooled_layer_outputs(lm, bundle.n_layers, bundle.n_post, layers, saved)
+            position_layer_outputs(lm, bundle.n_post, layers, saved)
             saved.append(lm.lm_head.output[:, -1, :].save())
         logits[idx] = saved[-1].half().cpu()
-        pooled[idx] = torch.stack([s.float().cpu() for s in saved[:-1]], dim=1)
-    return TeacherCache(logits, Standardizer.fit(pooled))
+        per_pos = torch.stack([s.double().cpu() for s in saved[:-1]], dim=1)  # (B, L, P, d)
+        pooled[idx] = per_pos.mean(2).float()
+        if per_position:
+            flat = per_pos.flatten(1, 2)
+            s1 = flat.sum(0) if s1 is None else s1 + flat.sum(0)
+            s2 = flat.pow(2).sum(0) if s2 is None else s2 + flat.pow(2).sum(0)
+    pos = None
+    if per_position:
+        n = len(prompts)
+        mean = s1 / n
+        var = (s2 - n * mean.pow(2)) / max(n - 1, 1)
+        pos = Standardizer(mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-4).float())
+    return TeacherCache(logits, Standardizer.fit(pooled), position_standardizer=pos)
 
 
 def batch_indices(step: int, seed: int, n_harm: int, n_ok: int, per_class: int) -> tuple[list[int], list[int]]:
@@ -174,6 +198,19 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     n_h = len(harmful)
     first_loss = state.history[0]["loss"] if state.history else None
     abl_layers = list(range(int(bundle.n_layers * (1 - tcfg.get("drop_last_frac", 0.2)))))
+    # the layers (indices into ``layers``) whose moments are matched, and the standardiser of those sites
+    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
+    if variant.moment_sites == "positions":
+        if teacher.position_standardizer is None:
+            raise ValueError(f"variant {variant.name} matches moments per position: the teacher cache needs per_position=True")
+        rows = torch.tensor([i * n_post + p for i in m_idx for p in range(n_post)])
+        z_std = Standardizer(teacher.position_standardizer.mean[rows], teacher.position_standardizer.std[rows])
+    elif variant.moment_sites == "pooled":
+        z_std = Standardizer(teacher.standardizer.mean[m_idx], teacher.standardizer.std[m_idx])
+    else:
+        raise ValueError(f"moment_sites must be 'pooled' or 'positions', not {variant.moment_sites!r}")
+    m_layers = [layers[i] for i in m_idx]
+    moments = bool(variant.lambda_cov or variant.lambda_mean)
     model.train()
     bar = tqdm(range(state.step, steps), desc=f"train {variant.name}", initial=state.step, total=steps)
     done_here = 0
@@ -185,14 +222,18 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         enc = encode(bundle, texts)
         saved: list[Any] = []
         with lm.trace(enc):
-            pooled_layer_outputs(lm, bundle.n_layers, n_post, layers, saved)
+            if moments and variant.moment_sites == "positions":
+                position_layer_outputs(lm, n_post, m_layers, saved)
+            elif moments:
+                pooled_layer_outputs(lm, bundle.n_layers, n_post, m_layers, saved)
             saved.append(lm.lm_head.output.save())
         logits = saved[-1]
         terms: dict[str, torch.Tensor] = {}
         terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
         terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
-        if variant.lambda_cov or variant.lambda_mean:
-            z = teacher.standardizer(torch.stack(saved[:-1], dim=1))
+        if moments:
+            acts = torch.stack(saved[:-1], dim=1)  # (B, L, d) pooled or (B, L, P, d)
+            z = z_std(acts.flatten(1, 2) if acts.dim() == 4 else acts)
             if variant.lambda_cov:
                 terms["cov"] = cov_matching_loss(z[:per_class], z[per_class:])
             if variant.lambda_mean:

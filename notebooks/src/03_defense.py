@@ -25,7 +25,7 @@
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
-variants = ["defended", "kl_only", "ablation_aware"]
+variants = None  # None: every variant of the profile's [defense.variants]
 
 # %%
 import json
@@ -45,6 +45,7 @@ from refusal_rank.results import timing, read_summary, update_summary
 t0 = time.perf_counter()
 cfg = load_config(profile)
 dc = cfg["defense"]
+variants = list(variants or dc["variants"])
 print(json.dumps({k: dc[k] for k in ("method", "n_train_per_class", "lora", "train")}, indent=1))
 pd.DataFrame(dc["variants"]).T
 
@@ -139,7 +140,8 @@ judge
 # %%
 update_summary(cfg,
                defended=results.get("defended", {}),
-               controls={n: results[n] for n in variants if n != "defended"},
+               controls={n: results[n] for n in variants if n in ("kl_only", "ablation_aware")},
+               named_variants={n: results[n] for n in variants if n not in ("defended", "kl_only", "ablation_aware")},
                training={n: {k: r[k] for k in ("steps", "seconds", "tokens", "tokens_per_s", "evals")} for n, r in records.items()},
                judge=judge,
                **timing("03_defense", t0))
