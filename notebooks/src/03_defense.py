@@ -128,6 +128,26 @@ for name in variants:
           f"position {results[name]['attack_k1']['direction']['position']})")
 
 # %% [markdown]
+# ### What was tried, and what the table says
+# The variants trained here share one budget (`[defense.train]`: the same steps, batches and adapters) and
+# differ only in their terms (`[defense.variants]`, shown at the top):
+#
+# * `defended`, the paper's objective: covariance matching ($\lambda_{cov}=100$ on standardised, pooled
+#   representations of every decoder layer) + KD + prompt LM;
+# * `kl_only`, the control for the paper's inactive covariance term: KD + prompt LM;
+# * `ablation_aware`, the control that trains against the attack itself: KD also under a random rank-$k$
+#   ablation ($k \le k_{max}$) of the current top singular directions of every difference-in-means vector
+#   below 80% depth and at every post-instruction position, refreshed every few steps;
+# * `mean_matched` (ours, named): the class means matched at every post-instruction position of every layer
+#   the attackers scan, i.e. the difference-in-means vectors the K = 1 attacker reads, with KD keeping
+#   refusal in place.
+#
+# Covariance matching constrains second moments *about each class's own mean*, so on its own it leaves the
+# difference in means, the attacker's direction, free; the periodic evaluations above show whether one
+# direction still removes refusal as training goes on. The targets table says which variants keep utility and
+# which resist the re-selected K = 1 attack; notebook 04 then attacks every model with six estimators.
+
+# %% [markdown]
 # ## 3 · The marker judge against hand labels
 # Completions were read and labelled by hand (`data/judge_labels.jsonl`, with a one-line reason each); the
 # marker judge's precision and recall on them, per model that wrote the completions (the labelled set grows
