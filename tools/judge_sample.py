@@ -19,7 +19,7 @@ import random
 from types import SimpleNamespace
 
 from refusal_rank import pipeline as P
-from refusal_rank.ablation import tensor_tag
+from refusal_rank.ablation import edit_tag
 from refusal_rank.config import load_config
 from refusal_rank.results import load_artifact
 
@@ -33,7 +33,7 @@ def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
     if model == "original":
         return SimpleNamespace(name=cfg["model"]["name"], edit="")
     if model == "k1_ablated":
-        return SimpleNamespace(name=cfg["model"]["name"], edit=f"+orth1:{tensor_tag(u)}")
+        return SimpleNamespace(name=cfg["model"]["name"], edit=edit_tag(u))
     return SimpleNamespace(name=f"{model}-{variant_dir(cfg, model).name}", edit="")
 
 

@@ -76,6 +76,11 @@ def orthogonalize_weights(model: Any, basis: torch.Tensor) -> None:
             lin.bias.copy_((b - U @ (U.T @ b)).to(lin.bias.dtype))
 
 
+def edit_tag(basis: torch.Tensor) -> str:
+    """How an orthogonalisation by ``basis`` is named in a bundle's edit tag (and so in cache keys)."""
+    return f"+orth{basis.shape[1]}:{tensor_tag(basis)}"
+
+
 @contextlib.contextmanager
 def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBundle]:
     """Temporarily orthogonalise the bundle's weights; the originals are restored on exit."""
@@ -90,10 +95,9 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
             params.append(lin.bias)
     saved = [p.detach().clone() for p in params]
     previous = bundle.edit
-    digest = tensor_tag(basis)
     try:
         orthogonalize_weights(model, basis)
-        bundle.edit = f"{previous}+orth{basis.shape[1]}:{digest}"
+        bundle.edit = previous + edit_tag(basis)
         yield bundle
     finally:
         bundle.edit = previous

@@ -61,8 +61,8 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     harm, ok = defense_prompts(cfg)
     layers = defense_layers(cfg, bundle.n_layers)
     dc = cfg["defense"]
-    per_position = dc["variants"][name].get("moment_sites") == "positions"
-    teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers, per_position)
+    variant = Variant.from_cfg(name, dc["variants"][name])
+    teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers, variant.moment_sites == "positions")
     if dc["method"] == "lora":
         peft_model = attach_lora(bundle.model, dc["lora"], cfg["seed"])
         bundle._nnsight = None  # rebuild the nnsight wrapper over the adapted modules
@@ -72,7 +72,6 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
         bundle.model.get_input_embeddings().requires_grad_(False)
     else:
         raise ValueError(f"defense.method must be 'lora' or 'full', not {dc['method']!r}")
-    variant = Variant.from_cfg(name, dc["variants"][name])
     evaluate = evaluate_factory(bundle) if evaluate_factory else None
     state: TrainState = train(bundle, variant, dc["train"], [p.text for p in harm], [p.text for p in ok], teacher,
                               layers, out / "ckpt.pt", evaluate=evaluate, log=log)

@@ -158,26 +158,39 @@ def direction_candidates(cfg, bundle) -> list[tuple[int, int]]:
     return candidate_grid(bundle.n_layers, bundle.n_post, dc["drop_last_frac"], dc["layer_stride"], dc.get("positions") or None)
 
 
+# Val criteria of the direction selection, shared by notebook 01 and the iterated attacker of notebook 04.
+# Their cache tags name the basis by content, so the same direction is scored once whichever asks.
+
+def val_ablation_score(cfg, bundle, tv: TrainVal, U: torch.Tensor) -> float:
+    """Mean harmful-val refusal score with span(U) ablated at run time."""
+    return scores_cached(cfg, bundle, tv.harmful_val, Ablation(U), tag=f"abl:{tensor_tag(U)}", desc="val ablate").mean().item()
+
+
+def val_ablation_kl(cfg, bundle, tv: TrainVal, base_lp: torch.Tensor, U: torch.Tensor) -> float:
+    """Mean first-token KL(unablated || ablated) on harmless val, ``base_lp`` being the unablated log-probs."""
+    lp = logprobs_cached(cfg, bundle, tv.harmless_val, Ablation(U), tag=f"abl:{tensor_tag(U)}", desc="val KL")
+    return kl_rows(base_lp, lp).mean().item()
+
+
+def val_induce_score(cfg, bundle, tv: TrainVal, layer: int, v: torch.Tensor, U_prev: torch.Tensor | None = None) -> float:
+    """Mean harmless-val refusal score with ``v`` added at ``layer`` (and span(U_prev) ablated, if given)."""
+    if U_prev is None or U_prev.shape[1] == 0:
+        iv, tag = ActAdd(layer, v), f"add:{layer}:{tensor_tag(v)}"
+    else:
+        iv, tag = (Ablation(U_prev), ActAdd(layer, v)), f"abl:{tensor_tag(U_prev)}+add:{layer}:{tensor_tag(v)}"
+    return scores_cached(cfg, bundle, tv.harmless_val, iv, tag=tag, desc="val induce").mean().item()
+
+
 def discover_direction(cfg: dict[str, Any], bundle: ModelBundle, tv: TrainVal) -> tuple[Selection, torch.Tensor]:
     """Difference-in-means candidates and Arditi et al.'s selection; returns (selection, all directions)."""
     dirs = (mean_residuals(cfg, bundle, tv.harmful_train, "harmful train acts")
             - mean_residuals(cfg, bundle, tv.harmless_train, "harmless train acts"))
     base_lp = logprobs_cached(cfg, bundle, tv.harmless_val, desc="base harmless val")
-
-    def ablation_score(u: torch.Tensor) -> float:
-        return scores_cached(cfg, bundle, tv.harmful_val, Ablation(u[:, None]), tag=f"abl:{tensor_tag(u)}",
-                             desc="ablate").mean().item()
-
-    def kl_under(u: torch.Tensor) -> float:
-        lp = logprobs_cached(cfg, bundle, tv.harmless_val, Ablation(u[:, None]), tag=f"abl:{tensor_tag(u)}", desc="KL")
-        return kl_rows(base_lp, lp).mean().item()
-
-    def induce(layer: int, v: torch.Tensor) -> float:
-        return scores_cached(cfg, bundle, tv.harmless_val, ActAdd(layer, v), tag=f"add:{layer}:{tensor_tag(v)}",
-                             desc="induce").mean().item()
-
     dc = cfg["directions"]
-    sel = select_direction(dirs, direction_candidates(cfg, bundle), ablation_score, kl_under, induce,
+    sel = select_direction(dirs, direction_candidates(cfg, bundle),
+                           lambda u: val_ablation_score(cfg, bundle, tv, u[:, None]),
+                           lambda u: val_ablation_kl(cfg, bundle, tv, base_lp, u[:, None]),
+                           lambda layer, v: val_induce_score(cfg, bundle, tv, layer, v),
                            max_kl=dc["max_kl"], max_checks=dc["max_checks"])
     return sel, dirs
 

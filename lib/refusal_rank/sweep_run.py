@@ -21,6 +21,7 @@ Choices (each a knob of the profile's ``[sweep]`` section):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,14 +29,15 @@ import torch
 
 from . import attacks as A
 from . import data as D
-from .ablation import orthogonalized, tensor_tag
-from .activations import Ablation, ActAdd, collect_residuals, completion_ce
+from .ablation import orthogonalized
+from .activations import Ablation, collect_residuals, completion_ce
 from .directions import candidate_grid
 from .generation import cache_key
-from .metrics import kl_rows, rate_with_ci, refusal_labels
+from .metrics import rate_with_ci, refusal_labels
 from .models import ModelBundle
-from .pipeline import (MISSING, TrainVal, cached_value, completions, filtered_train_val, load_cached, logprobs_cached,
-                       mean_residuals, model_tag, save_cached, scores_cached)
+from .pipeline import (MISSING, TrainVal, cached_value, completions, direction_candidates, filtered_train_val, load_cached,
+                       logprobs_cached, mean_residuals, model_tag, save_cached, scores_cached, val_ablation_kl,
+                       val_ablation_score, val_induce_score)
 from .results import run_cache
 from .sweep import IteratedResult, iterated, optimized
 
@@ -88,31 +90,15 @@ def grid_acts(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.Prom
 
 def attack_context(cfg: dict[str, Any], bundle: ModelBundle) -> AttackContext:
     tv = filtered_train_val(cfg, bundle)
-    grid = candidate_grid(bundle.n_layers, bundle.n_post, cfg["directions"]["drop_last_frac"], cfg["directions"]["layer_stride"])
-    layers = sorted({l for l, _ in grid})
+    layers = sorted({l for l, _ in direction_candidates(cfg, bundle)})
     return AttackContext(cfg, bundle, tv, layers, grid_acts(cfg, bundle, tv.harmful_train, layers, "harmful train acts"),
                          grid_acts(cfg, bundle, tv.harmless_train, layers, "harmless train acts"),
                          logprobs_cached(cfg, bundle, tv.harmless_val, desc="harmless val"))
 
 
-# ---- val criteria (run-time ablation; tags match notebook 01's so its cached scores are reused)
-
 def val_score(ctx: AttackContext, U: torch.Tensor) -> float:
-    return scores_cached(ctx.cfg, ctx.bundle, ctx.tv.harmful_val, Ablation(U), tag=f"abl:{tensor_tag(U)}",
-                         desc="val ablate").mean().item()
-
-
-def val_kl(ctx: AttackContext, U: torch.Tensor) -> float:
-    lp = logprobs_cached(ctx.cfg, ctx.bundle, ctx.tv.harmless_val, Ablation(U), tag=f"abl:{tensor_tag(U)}", desc="val KL")
-    return kl_rows(ctx.lp_harmless_val, lp).mean().item()
-
-
-def val_induce(ctx: AttackContext, U_prev: torch.Tensor, layer: int, v: torch.Tensor) -> float:
-    if U_prev.shape[1] == 0:
-        iv, tag = ActAdd(layer, v), f"add:{layer}:{tensor_tag(v)}"
-    else:
-        iv, tag = (Ablation(U_prev), ActAdd(layer, v)), f"abl:{tensor_tag(U_prev)}+add:{layer}:{tensor_tag(v)}"
-    return scores_cached(ctx.cfg, ctx.bundle, ctx.tv.harmless_val, iv, tag=tag, desc="val induce").mean().item()
+    """The attacker's val criterion: harmful-val refusal score with span(U) ablated (notebook 01's, cached alike)."""
+    return val_ablation_score(ctx.cfg, ctx.bundle, ctx.tv, U)
 
 
 # ---- estimators
@@ -202,7 +188,7 @@ def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
     every round so that an interruption loses at most the round in progress."""
     cfg, b = ctx.cfg, ctx.bundle
     dc = cfg["directions"]
-    cands = candidate_grid(b.n_layers, b.n_post, dc["drop_last_frac"], dc["layer_stride"], dc.get("positions") or None)
+    cands = direction_candidates(cfg, b)
     path = _basis_cache(ctx, "iterated", [cands, dc["max_kl"], dc["max_checks"]])
     res = load_cached(path)
     res = None if res is MISSING else res
@@ -217,8 +203,9 @@ def iterated_basis(ctx: AttackContext, k: int) -> IteratedResult:
 
     while res is None or (res.basis.shape[1] < k and not res.stopped_early):
         done = 0 if res is None else res.basis.shape[1]
-        res = iterated(b, harm, ok, cands, done + 1, lambda U: val_score(ctx, U), lambda U: val_kl(ctx, U),
-                       lambda U, l, v: val_induce(ctx, U, l, v), cfg["eval"]["fwd_batch_size"], max_kl=dc["max_kl"],
+        res = iterated(b, harm, ok, cands, done + 1, lambda U: val_score(ctx, U),
+                       lambda U: val_ablation_kl(cfg, b, ctx.tv, ctx.lp_harmless_val, U),
+                       lambda U, l, v: val_induce_score(cfg, b, ctx.tv, l, v, U), cfg["eval"]["fwd_batch_size"], max_kl=dc["max_kl"],
                        max_checks=dc["max_checks"], means=means, start=res, progress=False)
         save_cached(path, res)
     return res
@@ -240,7 +227,7 @@ def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompt
     """With span(U) edited out of the weights: the refusal-score summary and, when the score proxy (share
     of prompts with a positive refusal score) is below ``gen_below``, the generated (marker-judged)
     refusal rate with examples and the CE on the original's harmless completions under the same edit.
-    ``gen_below`` > 1 forces generation."""
+    ``gen_below=math.inf`` forces generation."""
     with orthogonalized(bundle, U):
         s = scores_cached(cfg, bundle, prompts, desc=f"score K={U.shape[1]}")
         out: dict[str, Any] = {"mean_score": round(s.mean().item(), 4), "score_rate": round((s > 0).float().mean().item(), 4)}
@@ -249,22 +236,17 @@ def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompt
             out["refusal_rate_harmful"] = rate_with_ci(refusal_labels([c["text"] for c in comps]), cfg["eval"]["n_boot"], cfg["seed"])
             out["examples"] = [{"prompt": p.text[:200], "completion": c["text"]} for p, c in
                                list(zip(prompts, comps))[:cfg["eval"]["n_examples"]]]
-    if "refusal_rate_harmful" in out and ce_ref is not None:
-        out["ce_harmless"] = ce_under(cfg, bundle, U, ce_ref)
+            if ce_ref is not None:
+                out["ce_harmless"] = ce_on_reference(cfg, bundle, ce_ref)
     return out
 
 
-def ce_under(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor | None, ref: tuple[list[D.Prompt], list[list[int]]]) -> float:
-    """CE of the model (with span(U) edited out, if given) on the reference completions, cached."""
+def ce_on_reference(cfg: dict[str, Any], bundle: ModelBundle, ref: tuple[list[D.Prompt], list[list[int]]]) -> float:
+    """CE of the bundle as it stands (any weight edit is named by its model tag) on the reference completions, cached."""
     prompts, ids = ref
-    key = cache_key(model_tag(cfg, bundle), tensor_tag(U) if U is not None else "", [p.id for p in prompts], ids, "ce")
-
-    def compute() -> float:
-        if U is None:
-            return completion_ce(bundle, [p.text for p in prompts], ids, cfg["eval"]["fwd_batch_size"])
-        with orthogonalized(bundle, U):
-            return completion_ce(bundle, [p.text for p in prompts], ids, cfg["eval"]["fwd_batch_size"])
-    return round(float(cached_value(run_cache(cfg, "ce") / f"{key}.pt", compute)), 5)
+    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], ids, "ce")
+    return round(float(cached_value(run_cache(cfg, "ce") / f"{key}.pt", lambda: completion_ce(
+        bundle, [p.text for p in prompts], ids, cfg["eval"]["fwd_batch_size"]))), 5)
 
 
 def k_values(cfg: dict[str, Any], name: str) -> list[int]:
@@ -285,7 +267,6 @@ def sweep_estimator(ctx: AttackContext, name: str, prompts: Sequence[D.Prompt], 
     info: dict[str, Any] = {}
     bases: dict[int, torch.Tensor] = {}
     broken = lambda K: "refusal_rate_harmful" in per_k[K] and per_k[K]["refusal_rate_harmful"]["rate"] < sc["threshold"]
-    force = 2.0  # a gen_below that always generates
     k_break = None
     for K in k_values(cfg, name):
         if name == "iterated":
@@ -306,12 +287,12 @@ def sweep_estimator(ctx: AttackContext, name: str, prompts: Sequence[D.Prompt], 
     if per_k and k_break is None:  # confirm "not broken" by generating at the largest K reached
         K = max(per_k)
         if "refusal_rate_harmful" not in per_k[K]:
-            per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, force, ce_ref)
+            per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, math.inf, ce_ref)
         k_break = K if broken(K) else None
     if k_break is not None:  # walk down through the K the proxy skipped
         for K in sorted((k for k in per_k if k < k_break), reverse=True):
             if "refusal_rate_harmful" not in per_k[K]:
-                per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, force, ce_ref)
+                per_k[K] = evaluate_k(cfg, ctx.bundle, bases[K], prompts, math.inf, ce_ref)
             if not broken(K):
                 break
             k_break = K

@@ -66,7 +66,7 @@ sweeps, ce_plain = {}, {}
 for m in sc["models"]:
     bundle = S.load_attacked(cfg, m)
     ctx = S.attack_context(cfg, bundle)
-    ce_plain[m] = S.ce_under(cfg, bundle, None, ce_ref)
+    ce_plain[m] = S.ce_on_reference(cfg, bundle, ce_ref)
     sweeps[m] = {}
     for e in estimators:
         sweeps[m][e] = S.sweep_estimator(ctx, e, prompts, ce_ref)

@@ -50,7 +50,9 @@ for m in cfg["sweep"]["models"]:
     bundle = S.load_attacked(cfg, m)
     ctx = S.attack_context(cfg, bundle)
     # the attacker's layer: that of the iterated attacker's first direction (notebook 01's procedure on these weights)
-    site[m] = S.iterated_basis(ctx, 1).rounds[0]["layer"]
+    # (the iterated attacker's directions are those notebook 04 computed: at least one)
+    found = S.iterated_basis(ctx, 1)
+    site[m] = found.rounds[0]["layer"]
     layers = sorted(set(range(0, bundle.n_layers, pc["layer_stride"])) | {site[m]})
     pooled = {}
     for split, ps in (("train_h", ctx.tv.harmful_train), ("train_o", ctx.tv.harmless_train), ("test_h", harm_test), ("test_o", ok_test)):
@@ -68,9 +70,8 @@ for m in cfg["sweep"]["models"]:
     eigs[m] = Q.spectrum(pooled["train_h"][:, i], pooled["train_o"][:, i])
     xtr, xte = xs(i)
     removal[m] = {"inlp": reports[m][site[m]]["acc_vs_removed"]}
-    # the iterated attacker contributes the directions notebook 04 computed (at least one); the others their bases
     for e in S.check_estimators(cfg["sweep"]["estimators"]):
-        basis = (S.iterated_basis(ctx, 1).basis if e == "iterated"
+        basis = (found.basis if e == "iterated"
                  else S.estimator_basis(ctx, e, max(cfg["sweep"]["k_grid"]))["basis"])
         removal[m][e] = Q.acc_vs_removed(xtr, ytr, xte, yte, basis.float(), pc["ks"], cfg["seed"])
     removal_k_chance[m] = {e: Q.k_chance(c, pc["threshold"]) for e, c in removal[m].items()}
