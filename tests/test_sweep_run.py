@@ -22,6 +22,17 @@ def test_unknown_estimator_and_model_are_clear(tiny_cfg):
         S.load_attacked(tiny_cfg, "nope")
 
 
+def test_select_models_overrides_the_config_and_rejects_unknown(tiny_cfg):
+    import copy
+    cfg = copy.deepcopy(tiny_cfg)
+    assert S.select_models(cfg, None) == list(tiny_cfg["sweep"]["models"])
+    assert S.select_models(cfg, ["base"]) == ["base"] and cfg["sweep"]["models"] == ["base"]
+    with pytest.raises(ValueError, match="unknown or empty"):
+        S.select_models(cfg, ["base", "nope"])
+    with pytest.raises(ValueError, match="unknown or empty"):
+        S.select_models(cfg, [])
+
+
 @pytest.mark.parametrize("name", S.ONE_LAYER)
 def test_one_layer_estimators_recover_a_planted_direction(name):
     g = torch.Generator().manual_seed(0)

@@ -57,6 +57,18 @@ def load_attacked(cfg: dict[str, Any], name: str) -> ModelBundle:
     return load_variant(cfg, name)
 
 
+def select_models(cfg: dict[str, Any], models: Sequence[str] | None) -> list[str]:
+    """The models to attack: ``models`` if given (a notebook parameter), else the profile's [sweep] models.
+    Each must be ``base`` or a configured variant; the choice is written back to ``cfg`` so every later
+    cell sees the same list."""
+    names = list(cfg["sweep"]["models"] if models is None else models)
+    bad = [n for n in names if n != "base" and n not in cfg["defense"]["variants"]]
+    if bad or not names:
+        raise ValueError(f"unknown or empty model list {names}: 'base' or one of {', '.join(cfg['defense']['variants'])}")
+    cfg["sweep"]["models"] = names
+    return names
+
+
 def check_estimators(names: Sequence[str]) -> list[str]:
     bad = [n for n in names if n not in ESTIMATORS]
     if bad:

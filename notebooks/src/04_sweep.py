@@ -28,6 +28,7 @@
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
+models = None  # None: every model of the profile's [sweep] models
 
 # %%
 import json
@@ -44,6 +45,7 @@ from refusal_rank.results import timing, update_summary
 
 t0 = time.perf_counter()
 cfg = load_config(profile)
+S.select_models(cfg, models)
 sc = cfg["sweep"]
 estimators = S.check_estimators(sc["estimators"])
 prompts = S.sweep_test_set(cfg)

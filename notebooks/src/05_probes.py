@@ -20,6 +20,7 @@
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
+models = None  # None: every model of the profile's [sweep] models
 
 # %%
 import time
@@ -36,6 +37,7 @@ from refusal_rank.results import timing, update_summary
 
 t0 = time.perf_counter()
 cfg = load_config(profile)
+S.select_models(cfg, models)
 pc = cfg["probes"]
 harm_test = D.split_prompts("harmful_test", pc["n_test_per_source"], cfg["seed"], per_source=True)
 ok_test = D.split_prompts("harmless_test", len(harm_test), cfg["seed"])
