@@ -20,3 +20,19 @@ def test_unknown_profile_is_clear():
 def test_env_variable_selects_profile(monkeypatch):
     monkeypatch.setenv("REFUSAL_RANK_PROFILE", "tiny")
     assert load_config()["profile"] == "tiny"
+
+
+def test_default_variants_follow_defense_run_and_reject_unknown():
+    import copy
+
+    from refusal_rank.defense_run import default_variants, variant_dir
+    cfg = copy.deepcopy(load_config("tiny"))
+    cfg["defense"].pop("run", None)
+    assert default_variants(cfg) == list(cfg["defense"]["variants"])
+    before = variant_dir(cfg, "kl_only")
+    cfg["defense"]["run"] = ["kl_only"]
+    assert default_variants(cfg) == ["kl_only"]
+    assert variant_dir(cfg, "kl_only") == before  # choosing what runs does not retrain anything
+    cfg["defense"]["run"] = ["nope"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        default_variants(cfg)

@@ -30,11 +30,22 @@ def defense_layers(cfg: dict[str, Any], n_layers: int) -> list[int]:
     return list(cfg["defense"].get("layers") or range(n_layers))
 
 
+def default_variants(cfg: dict[str, Any]) -> list[str]:
+    """The variants notebook 03 trains when none are named: ``[defense] run``, else every configured one."""
+    dc = cfg["defense"]
+    names = list(dc.get("run") or dc["variants"])
+    bad = [n for n in names if n not in dc["variants"]]
+    if bad:
+        raise ValueError(f"[defense] run names unknown variant(s) {bad}: configured are {', '.join(dc['variants'])}")
+    return names
+
+
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     harm, ok = defense_prompts(cfg)
     dc = cfg["defense"]
-    # what determines the trained weights (not the variants' siblings, not the targets they are judged by)
-    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets")}, dc["variants"][name],
+    # what determines the trained weights (not the variants' siblings, not the targets they are judged by,
+    # not which of them notebook 03 runs by default)
+    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run")}, dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")
 

@@ -25,7 +25,7 @@
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
-variants = None  # None: every variant of the profile's [defense.variants]
+variants = None  # None: the profile's [defense] run (else every variant of [defense.variants])
 
 # %%
 import json
@@ -45,7 +45,7 @@ from refusal_rank.results import timing, read_summary, update_summary
 t0 = time.perf_counter()
 cfg = load_config(profile)
 dc = cfg["defense"]
-variants = list(variants or dc["variants"])
+variants = list(variants or R.default_variants(cfg))
 print(json.dumps({k: dc[k] for k in ("method", "n_train_per_class", "lora", "train")}, indent=1))
 pd.DataFrame(dc["variants"]).T
 
