@@ -138,35 +138,43 @@ def before_after_table(base: dict[str, Any], results: dict[str, dict[str, Any]])
 
 def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float, n: int) -> plt.Figure:
     """Harmful refusal vs K, one panel per model, one line per estimator: the score proxy (share of prompts
-    with a positive refusal score, thin line) and the generated, marker-judged rate with its interval (points)."""
+    with a positive refusal score, dashed) and the generated, marker-judged rate with its interval (points).
+    Panels share the K axis; estimators are offset slightly along it so that equal values stay visible."""
     models = list(sweeps)
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), sharey=True, squeeze=False)
-    colors = dict(zip(sorted({e for m in models for e in sweeps[m]}), sns.color_palette("tab10")))
+    ests = list(dict.fromkeys(e for m in models for e in sweeps[m]))
+    colors = dict(zip(ests, sns.color_palette("tab10")))
+    shift = {e: 2 ** (0.07 * (i - (len(ests) - 1) / 2)) for i, e in enumerate(ests)}
+    k_all = sorted({int(k) for m in models for r in sweeps[m].values() for k in r["per_k"]} or {1})
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), sharey=True, sharex=True, squeeze=False)
     for ax, m in zip(axes[0], models):
         for e, res in sweeps[m].items():
             ks = sorted(res["per_k"], key=int)
-            if not ks:
-                continue
             c = colors[e]
-            ax.plot([int(k) for k in ks], [res["per_k"][k]["score_rate"] for k in ks], lw=1, alpha=0.6, color=c, ls="--")
+            x = lambda kk: [int(k) * shift[e] for k in kk]
+            if ks:
+                ax.plot(x(ks), [res["per_k"][k]["score_rate"] for k in ks], lw=1, alpha=0.6, color=c, ls="--")
             gk = [k for k in ks if "refusal_rate_harmful" in res["per_k"][k]]
             if gk:
                 r = [res["per_k"][k]["refusal_rate_harmful"] for k in gk]
-                y = np.array([x["rate"] for x in r])
-                err = np.array([[x["rate"] - x["lo"] for x in r], [x["hi"] - x["rate"] for x in r]])
-                ax.errorbar([int(k) for k in gk], y, yerr=err, fmt="o", color=c, ms=5, capsize=2, label=e)
+                y = np.array([v["rate"] for v in r])
+                err = np.array([[v["rate"] - v["lo"] for v in r], [v["hi"] - v["rate"] for v in r]])
+                ax.errorbar(x(gk), y, yerr=err, fmt="o", color=c, ms=4, capsize=2, label=e)
             else:
                 ax.plot([], [], "o", color=c, label=e)
         ax.axhline(threshold, color="black", lw=1, ls=":")
         ax.set_xscale("log", base=2)
+        ax.set_xlim(0.7, max(k_all) * 1.4)
+        ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= max(k_all)]
+        ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.set_xlabel("K (directions ablated)")
         ax.set_title(m)
         ax.set_ylim(-0.03, 1.03)
     axes[0][0].set_ylabel("harmful refusal (test)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(ests), fontsize=8, frameon=False)
     fig.suptitle(f"Rank-K ablation, weight edit (n={n} harmful test prompts; dashed: share with refusal score > 0, "
                  f"points: generated rate with 95% CI; dotted: broken below {threshold})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
