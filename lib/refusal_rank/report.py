@@ -62,13 +62,14 @@ def timings_line(s: dict[str, Any]) -> str:
     if not t:
         return ""
     fresh = s.get("timings_fresh", {})
-    parts = ", ".join(f"{k} {v / 60:.1f} min" + ("" if fresh.get(k) else " (warm cache)") for k, v in t.items())
+    parts = ", ".join(f"{k} {v / 60:.1f} min" + (" (from an emptied cache)" if fresh.get(k) else "") for k, v in t.items())
     tp = s.get("throughput", {}).get("forward_residuals")
     extra = ""
     if tp:
         extra = (f" Batched forward pass with every layer read through nnsight: {tp['tokens_per_s']:.0f} tokens/s, "
                  f"{tp['fraction_of_peak']:.0%} of this machine's bf16 matmul peak ({tp['peak_gflops']:.0f} GFLOP/s, measured in the same run).")
-    return f"Wall time: {parts}.{extra}"
+    note = " Times not marked \"from an emptied cache\" reused whatever earlier runs had left in the cache."
+    return f"Wall time of each notebook's last run: {parts}.{note}{extra}"
 
 
 MODEL_ROWS = (("defended", "defended (covariance matching + KD)"), ("kl_only", "control: KL only (prompt LM + KD)"),
