@@ -207,13 +207,14 @@ def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float
     axes[0].set_ylabel("effective rank (participation ratio)")
     axes[1].set_ylabel("held-out probe accuracy")
     axes[1].axhline(threshold, color="black", lw=1, ls=":")
-    axes[2].set_ylabel(f"k_chance (INLP directions to acc <= {threshold})")
+    axes[2].set_ylabel("k_chance")
+    axes[2].set_title(f"INLP directions until linear acc <= {threshold}\n(no point: not reached in the INLP budget)", fontsize=8)
     for ax in axes:
         ax.set_xlabel("layer (block input)")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
