@@ -82,3 +82,16 @@ def test_iterated_is_extended_lazily_and_cached(tiny_cfg, tiny, tmp_path, monkey
     assert two.basis.shape[1] >= 2 or two.stopped_early
     assert torch.allclose(two.basis[:, 0], one.basis[:, 0]) and two.rounds[0] == one.rounds[0]
     assert S.iterated_basis(ctx, 2).basis.shape == two.basis.shape  # from the cache
+
+
+def test_reading_follows_the_table():
+    kb = {"base": {"iterated": 1}, "base_star": 1, "defended": {"iterated": 20}, "defended_star": 20,
+          "kl_only": {"iterated": 1}, "kl_only_star": 1}
+    lines = S.reading(kb)
+    assert lines[0] == "base: K*_break = 1"
+    assert "meets" in lines[1] and "raises" in lines[-1]
+    kb.update(defended_star=1)
+    lines = S.reading(kb)
+    assert "misses" in lines[1] and "does not raise" in lines[-1]
+    kb.update(defended_star=None)
+    assert "not broken in the grid (meets" in S.reading(kb)[1]

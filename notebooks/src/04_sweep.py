@@ -97,6 +97,16 @@ coherence.insert(0, "no ablation", pd.Series(ce_plain))
 coherence  # CE on the original's harmless completions: unablated, and under each attacker's ablation at K_break (or its largest K)
 
 # %% [markdown]
+# **Reading.** The sentences below are computed from the table above, not written in advance. If the defended
+# model breaks at small K, the attacker's estimators still find the class-mean difference that the objective
+# leaves free: covariance matching constrains second moments, not means, and every estimator but `optimized`
+# reads the difference in means at some layer and position. Notebook 05 asks whether the signal spread at all.
+
+# %%
+for line in S.reading(kb):
+    print("-", line)
+
+# %% [markdown]
 # ## 3 · What the broken models write
 # The first completions of the harmful test subset at each estimator's K_break (truncated), for every model.
 
