@@ -104,8 +104,9 @@ def defense_table(s: dict[str, Any]) -> str:
 
 def ce_at_star(details: dict[str, Any], star: int | None) -> str:
     """The lowest harmless CE among the estimators that break the model at K*_break (blank if unbroken)."""
+    # an estimator that broke at K has its CE measured at K (``ce_k`` is its K_break)
     ces = [d["ce_harmless_at_k"] for d in details.values()
-           if star is not None and d.get("k_break") == star and d.get("ce_k") == star and d.get("ce_harmless_at_k") is not None]
+           if star is not None and d.get("k_break") == star and d.get("ce_harmless_at_k") is not None]
     return fmt_mean(min(ces)) if ces else "n/a"
 
 
