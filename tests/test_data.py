@@ -28,9 +28,12 @@ def test_splits_disjoint_by_id_and_text():
 
 def test_split_sizes_and_sources():
     s = D.read_splits()
-    assert len(s["harmful_train"]) == 520 and len(s["harmful_val"]) == 41
+    assert len(s["harmful_train"]) + len(s["harmful_defense"]) == 520 and len(s["harmful_val"]) == 41
+    # the defense's training prompts and the attackers' pool (notebook 01, notebook 04) share nothing
+    assert len(s["harmful_defense"]) == 256 and len(s["harmless_defense"]) == 250
+    assert len(s["harmful_train"]) >= 200 and len(s["harmless_train"]) >= 200
     assert 400 < len(s["harmful_test"]) <= 159 + 313
-    assert sum(len(s[k]) for k in ("harmless_train", "harmless_val", "harmless_test")) >= 800
+    assert sum(len(s[k]) for k in ("harmless_train", "harmless_defense", "harmless_val", "harmless_test")) >= 800
     assert len(s["overrefusal_test"]) >= 150
     sources = {p.source for p in D.split_prompts("harmful_test")}
     assert sources == {"harmbench", "strongreject"}

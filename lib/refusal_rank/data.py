@@ -102,9 +102,12 @@ def load_all_prompts() -> dict[str, Prompt]:
     return pool
 
 
-def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2)) -> dict[str, list[str]]:
+def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2), n_defense: int = 256,
+                n_defense_harmless: int = 250) -> dict[str, list[str]]:
     """The split contract (ids only). Harmful: AdvBench train, HarmBench val, HarmBench test + StrongREJECT
-    test deduplicated against train/val (and each other). Harmless: seeded shuffle into train/val/test."""
+    test deduplicated against train/val (and each other). Harmless: seeded shuffle into train/val/test.
+    ``harmful_defense`` / ``harmless_defense`` (the defense's training prompts) are carved out of AdvBench and
+    the harmless train share, so that attacker and direction prompts (``*_train``) are disjoint from them."""
     src = load_harmful_sources()
     seen = {normalise(p.text) for p in src["advbench"] + src["harmbench_val"]}
     test = []
@@ -118,11 +121,19 @@ def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2)) 
     rng.shuffle(harmless)
     n_tr = int(len(harmless) * harmless_frac[0])
     n_va = int(len(harmless) * harmless_frac[1])
+    # The defense trains on prompts no attacker ever reads: AdvBench and the harmless train share are
+    # each split once more, into the defense's training prompts and the attackers' (and notebook 01's) pool.
+    adv = [p.id for p in src["advbench"]]
+    defense_h = set(random.Random(f"{seed}-defense-harmful").sample(adv, n_defense))
+    ok_train = sorted(harmless[:n_tr])
+    defense_o = set(random.Random(f"{seed}-defense-harmless").sample(ok_train, n_defense_harmless))
     return {
-        "harmful_train": [p.id for p in src["advbench"]],
+        "harmful_train": [i for i in adv if i not in defense_h],
+        "harmful_defense": [i for i in adv if i in defense_h],
         "harmful_val": [p.id for p in src["harmbench_val"]],
         "harmful_test": test,
-        "harmless_train": sorted(harmless[:n_tr]),
+        "harmless_train": [i for i in ok_train if i not in defense_o],
+        "harmless_defense": [i for i in ok_train if i in defense_o],
         "harmless_val": sorted(harmless[n_tr:n_tr + n_va]),
         "harmless_test": sorted(harmless[n_tr + n_va:]),
         "overrefusal_test": [p.id for p in load_jsonl(DATA_DIR / "overrefusal.jsonl", "overrefusal")],

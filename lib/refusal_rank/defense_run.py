@@ -23,7 +23,7 @@ from .training import TeacherCache, TrainState, Variant, attach_lora, teacher_ca
 
 def defense_prompts(cfg: dict[str, Any]) -> tuple[list[D.Prompt], list[D.Prompt]]:
     n = cfg["defense"]["n_train_per_class"]
-    return (D.split_prompts("harmful_train", n, cfg["seed"]), D.split_prompts("harmless_train", n, cfg["seed"]))
+    return (D.split_prompts("harmful_defense", n, cfg["seed"]), D.split_prompts("harmless_defense", n, cfg["seed"]))
 
 
 def defense_layers(cfg: dict[str, Any], n_layers: int) -> list[int]:
