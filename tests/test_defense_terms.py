@@ -3,8 +3,9 @@ covariance term) non-zero with a gradient on a real class-balanced batch of the 
 import pytest
 import torch
 
-from refusal_rank.defense import (Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, pool_positions,
-                                  prompt_lm_loss)
+from refusal_rank.defense import (MomentMemory, Standardizer, class_cov_gap, class_mean_gap, cov_matching_loss,
+                                  excess_top_eig, kd_loss, masked_mean, mean_matching_loss, plugin_cov_gap,
+                                  pool_positions, prompt_lm_loss)
 
 
 def _cov_naive(a, b):
@@ -12,27 +13,110 @@ def _cov_naive(a, b):
     return sum(((torch.cov(a[:, l].T) - torch.cov(b[:, l].T)) ** 2).sum() / d**2 for l in range(a.shape[1])) / a.shape[1]
 
 
-def test_cov_term_matches_explicit_covariances():
+def test_plugin_form_matches_explicit_covariances_and_is_scale_dependent():
     torch.manual_seed(0)
     a, b = torch.randn(6, 3, 5, dtype=torch.float64), torch.randn(7, 3, 5, dtype=torch.float64) * 2
-    assert cov_matching_loss(a, b).item() == pytest.approx(_cov_naive(a, b).item(), rel=1e-4)
+    assert plugin_cov_gap(a, b).item() == pytest.approx(_cov_naive(a, b).item(), rel=1e-4)
+    # the failure the scale-free terms fix: shrinking both classes by c shrinks the plug-in term by c^4
+    assert plugin_cov_gap(0.2 * a, 0.2 * b).item() == pytest.approx(0.2**4 * plugin_cov_gap(a, b).item(), rel=1e-4)
 
 
-def test_matching_terms_zero_for_equal_statistics_and_grow_with_gap():
+@pytest.mark.parametrize("term", [mean_matching_loss, cov_matching_loss])
+def test_terms_invariant_to_a_common_rescaling(term):
     torch.manual_seed(1)
-    x = torch.randn(16, 2, 8)
-    assert cov_matching_loss(x, x.clone()).item() < 1e-8
-    assert cov_matching_loss(x, x + 3.0).item() < 1e-6  # a shift changes the mean, not the covariance
-    assert mean_matching_loss(x, x.clone()).item() == 0.0
-    covs = [cov_matching_loss(x, x * s).item() for s in (1.0, 1.5, 2.0, 3.0)]
-    means = [mean_matching_loss(x, x + g).item() for g in (0.0, 0.5, 1.0, 2.0)]
-    assert covs == sorted(covs) and covs[-1] > covs[1] > 0
-    assert means == sorted(means) and means[-1] == pytest.approx(4.0, rel=1e-5)
+    a = torch.randn(32, 3, 16) + 0.5 * torch.randn(1, 3, 16)
+    b = torch.randn(32, 3, 16) * torch.linspace(0.5, 2, 16)
+    ref = term(a, b).item()
+    for c in (0.01, 0.2, 5.0, 300.0):
+        assert term(c * a, c * b).item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    # and to a common translation (the estimators see only differences)
+    shift = 7.0 * torch.randn(1, 3, 16)
+    assert term(a + shift, b + shift).item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
-def test_cov_term_refuses_a_single_example_per_class():
+@pytest.mark.parametrize("term", [mean_matching_loss, cov_matching_loss])
+def test_no_noise_floor_for_two_samples_of_one_distribution(term):
+    """Unbiased: over many draws of two samples of one distribution the term averages ~0, far below
+    its spread on one draw, where the plug-in forms sit at a positive floor."""
+    g = torch.Generator().manual_seed(2)
+    scale = torch.linspace(0.3, 3.0, 64)
+    vals = torch.tensor([term(torch.randn(16, 2, 64, generator=g) * scale, torch.randn(16, 2, 64, generator=g) * scale).item()
+                         for _ in range(300)])
+    assert abs(vals.mean().item()) < 3 * vals.std().item() / 300**0.5 + 1e-3
+    plugin = torch.tensor([plugin_cov_gap(torch.randn(16, 2, 64, generator=g), torch.randn(16, 2, 64, generator=g)).item()
+                           for _ in range(50)])
+    assert plugin.mean().item() > 10 * plugin.std().item() / 50**0.5  # the old floor is real
+
+
+def test_planted_gaps_read_far_above_the_noise():
+    g = torch.Generator().manual_seed(3)
+    d, n = 64, 32
+    null_m = torch.tensor([mean_matching_loss(torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)).item()
+                           for _ in range(100)])
+    null_c = torch.tensor([cov_matching_loss(torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)).item()
+                           for _ in range(100)])
+    u = torch.zeros(d)
+    u[5] = 1.0
+    h = torch.randn(n, 1, d, generator=g) + 3.0 * u  # a planted mean gap along one direction (population value 9/128)
+    o = torch.randn(n, 1, d, generator=g)
+    assert mean_matching_loss(h, o).item() > null_m.mean().item() + 8 * null_m.std().item()
+    h2 = torch.randn(n, 1, d, generator=g)
+    h2[:, 0, :8] *= 3.0  # a planted covariance gap in an 8-dimensional subspace, equal means
+    assert cov_matching_loss(h2, o).item() > null_c.mean().item() + 8 * null_c.std().item()
+
+
+def test_unbiased_estimates_match_population_values():
+    """class_mean_gap / class_cov_gap against the population values of a known pair of Gaussians."""
+    g = torch.Generator().manual_seed(4)
+    d = 6
+    mu = torch.tensor([1.0, -0.5, 0, 0, 0, 0])
+    s_h, s_o = torch.linspace(0.5, 1.5, d), torch.ones(d)
+    gaps, covs = [], []
+    for _ in range(400):
+        h = (torch.randn(12, 1, d, generator=g) * s_h + mu).double()
+        o = (torch.randn(12, 1, d, generator=g) * s_o).double()
+        gaps.append(class_mean_gap(h, o)[0].item())
+        covs.append(class_cov_gap(h, o)[0].item())
+    assert sum(gaps) / len(gaps) == pytest.approx(float(mu.pow(2).sum()), rel=0.1)
+    assert sum(covs) / len(covs) == pytest.approx(float((s_h**2 - s_o**2).pow(2).sum()), rel=0.15)
+
+
+def test_terms_refuse_too_few_examples_per_class():
+    with pytest.raises(ValueError, match=">= 4 examples"):
+        cov_matching_loss(torch.randn(3, 2, 4), torch.randn(8, 2, 4))
     with pytest.raises(ValueError, match=">= 2 examples"):
-        cov_matching_loss(torch.randn(1, 2, 4), torch.randn(1, 2, 4))
+        mean_matching_loss(torch.randn(1, 2, 4), torch.randn(8, 2, 4))
+
+
+def test_memory_keeps_the_newest_and_detaches():
+    mem = MomentMemory(5)
+    x = torch.arange(12.0).reshape(3, 1, 4).requires_grad_(True)
+    assert mem.with_batch("harmful", x) is x  # empty memory: the batch alone
+    mem.push("harmful", x)
+    mem.push("harmful", x + 100)
+    both = mem.with_batch("harmful", x)
+    assert both.shape[0] == 3 + 5 and not mem.bank["harmful"].requires_grad
+    assert torch.equal(mem.bank["harmful"][:3], (x + 100).detach())  # newest first
+    assert mem.bank["harmless"] is None
+    st = mem.state_dict()
+    mem2 = MomentMemory(0)
+    mem2.load_state_dict(st)
+    assert mem2.size == 5 and torch.equal(mem2.bank["harmful"], mem.bank["harmful"])
+
+
+def test_excess_top_eig_scales_with_c_squared():
+    torch.manual_seed(5)
+    h, o = torch.randn(40, 2, 8) * 2, torch.randn(40, 2, 8)
+    e = excess_top_eig(h, o)
+    assert e.shape == (2,) and (e > 0).all()
+    assert torch.allclose(excess_top_eig(0.5 * h, 0.5 * o), 0.25 * e, rtol=1e-6)
+
+
+def test_masked_mean_ignores_padding():
+    h = torch.randn(2, 4, 3)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    out = masked_mean(h, mask)
+    assert torch.allclose(out[0], h[0, 2:].mean(0)) and torch.allclose(out[1], h[1].mean(0))
 
 
 def test_kd_zero_for_identical_and_temperature_scaling():
@@ -72,12 +156,12 @@ def test_standardizer_and_pooling():
 
 def test_cov_term_nonzero_with_gradient_on_real_batch(tiny):
     """The paper's pitfall: with one example per class the covariance term is identically zero. On a
-    class-balanced batch of the tiny model it must be non-zero and back-propagate into the weights."""
+    class-balanced batch of the tiny model both terms must be non-zero and back-propagate into the weights."""
     from refusal_rank import data as D
     from refusal_rank.activations import encode
 
-    harm = [p.text for p in D.split_prompts("harmful_train", 4, 0)]
-    ok = [p.text for p in D.split_prompts("harmless_train", 4, 0)]
+    harm = [p.text for p in D.split_prompts("harmful_defense", 6, 0)]
+    ok = [p.text for p in D.split_prompts("harmless_defense", 6, 0)]
     model = tiny.model
     w = model.model.layers[1].mlp.down_proj.weight
     w.requires_grad_(True)
@@ -87,9 +171,9 @@ def test_cov_term_nonzero_with_gradient_on_real_batch(tiny):
         pooled = torch.stack([pool_positions(h, tiny.n_post) for h in out.hidden_states[1:]], dim=1)  # (B, L, d)
         st = Standardizer.fit(pooled.detach())
         z = st(pooled)
-        loss = cov_matching_loss(z[:4], z[4:])
+        loss = cov_matching_loss(z[:6], z[6:]) + mean_matching_loss(z[:6], z[6:])
         loss.backward()
-        assert loss.item() > 1e-6
+        assert abs(loss.item()) > 1e-6
         assert w.grad is not None and w.grad.abs().sum().item() > 0
     finally:
         w.grad = None

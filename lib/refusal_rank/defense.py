@@ -65,28 +65,155 @@ def pool_positions(hidden: torch.Tensor, n_post: int) -> torch.Tensor:
     return hidden[:, -n_post:, :].mean(1)
 
 
-def _centered(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(0, keepdim=True)
+def _offdiag_mean(g: torch.Tensor) -> torch.Tensor:
+    """Mean of the off-diagonal entries of square matrices (..., n, n): the U-statistic that drops the
+    i = j terms whose expectation carries each sample's own variance (the noise floor)."""
+    n = g.shape[-1]
+    return (g.sum((-1, -2)) - g.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+
+
+def _per_site(z: torch.Tensor) -> torch.Tensor:
+    """(n, S, d) -> (S, n, d) in float32: one Gram matrix per site (layer, or layer x position)."""
+    return z.float().transpose(0, 1)
+
+
+def class_mean_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased estimates, per site, of ||mu_h - mu_o||^2 and of tr(Sigma_h) + tr(Sigma_o).
+
+    ||mu_h - mu_o||^2 = E<h,h'> + E<o,o'> - 2 E<h,o> over *distinct* samples; the plug-in ||mean_h - mean_o||^2
+    adds tr(Sigma_h)/n + tr(Sigma_o)/m, a positive floor that an optimiser lowers by shrinking, not matching.
+    Inputs (n, S, d), (m, S, d) with n, m >= 2; outputs (S,), (S,)."""
+    n, m = z_harmful.shape[0], z_harmless.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"unbiased class statistics need >= 2 examples of each class (got {n} and {m})")
+    A, B = _per_site(z_harmful), _per_site(z_harmless)
+    # the estimate is translation-invariant; centring on a common reference keeps Gram entries small
+    ref = torch.cat([A, B], 1).mean(1, keepdim=True).detach()
+    A, B = A - ref, B - ref
+    hh = _offdiag_mean(A @ A.transpose(1, 2))
+    oo = _offdiag_mean(B @ B.transpose(1, 2))
+    ho = (A @ B.transpose(1, 2)).mean((1, 2))
+    gap = hh + oo - 2 * ho
+    var = lambda X, k: (X - X.mean(1, keepdim=True)).pow(2).sum((1, 2)) / (k - 1)
+    return gap, var(A, n) + var(B, m)
+
+
+def _pair_differences(x: torch.Tensor) -> torch.Tensor:
+    """(S, n, d) -> (S, n // 2, d): (x_2p - x_2p+1) / sqrt(2). Independent, zero-mean, with the class
+    covariance: the class mean drops out exactly, so no centring bias enters the second moments."""
+    k = x.shape[1] // 2
+    return (x[:, 0:2 * k:2] - x[:, 1:2 * k:2]) / 2 ** 0.5
+
+
+def class_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased estimates, per site, of ||Sigma_h - Sigma_o||_F^2 and of the scale ((tr Sigma_h + tr Sigma_o) / 2)^2.
+
+    With pair differences u_p (harmful) and v_q (harmless): tr(Sigma_h^2) = E (u_p . u_q)^2 for p != q,
+    tr(Sigma_h Sigma_o) = E (u_p . v_q)^2. Computed through (n/2 x n/2) Gram matrices (no d x d matrix).
+    The scale is a squared mean variance: it scales as c^4 like the gap, and, a sum over every dimension,
+    it is far less noisy than ||Sigma||_F^2 would be, so the ratio carries almost no ratio bias (tested).
+    Inputs (n, S, d), (m, S, d) with n, m >= 4; outputs (S,), (S,)."""
+    n, m = z_harmful.shape[0], z_harmless.shape[0]
+    if n < 4 or m < 4:
+        raise ValueError(f"unbiased covariance matching needs >= 4 examples of each class (got {n} and {m})")
+    A, B = _per_site(z_harmful), _per_site(z_harmless)
+    U, V = _pair_differences(A), _pair_differences(B)
+    uu = _offdiag_mean((U @ U.transpose(1, 2)).pow(2))
+    vv = _offdiag_mean((V @ V.transpose(1, 2)).pow(2))
+    uv = (U @ V.transpose(1, 2)).pow(2).mean((1, 2))
+    var = lambda X, k: (X - X.mean(1, keepdim=True)).pow(2).sum((1, 2)) / (k - 1)
+    return uu + vv - 2 * uv, ((var(A, n) + var(B, m)) / 2).pow(2)
+
+
+def mean_matching_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """Scale-free, unbiased mean matching: mean over sites of ||mu_h - mu_o||^2 / (tr Sigma_h + tr Sigma_o).
+
+    Rescaling every representation by c leaves it unchanged (numerator and denominator both scale as c^2),
+    so shrinking the activations buys nothing; two samples of one distribution give 0 on average (it can
+    be negative on one draw). Inputs (n, S, d), (m, S, d)."""
+    gap, scale = class_mean_gap(z_harmful, z_harmless)
+    return (gap / scale.clamp_min(1e-12)).mean()
 
 
 def cov_matching_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
-    """mean over layers of ||Cov(z_harmful) - Cov(z_harmless)||_F^2 / d^2; inputs (n, L, d), (m, L, d)."""
+    """Scale-free, unbiased covariance matching: mean over sites of
+    ||Sigma_h - Sigma_o||_F^2 / ((tr Sigma_h + tr Sigma_o) / 2)^2.
+
+    Invariant to a common rescaling (both sides scale as c^4); 0 on average for two samples of one
+    distribution. Inputs (n, S, d), (m, S, d), n, m >= 4."""
+    gap, scale = class_cov_gap(z_harmful, z_harmless)
+    return (gap / scale.clamp_min(1e-12)).mean()
+
+
+def plugin_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """The earlier, biased form kept for comparison only: mean over sites of ||Cov_h - Cov_o||_F^2 / d^2 with
+    sample covariances. It scales as c^4 and has a positive floor of about 2 d^-2 tr(Sigma)^2 / (n - 1)."""
     n, m = z_harmful.shape[0], z_harmless.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError(f"covariance matching needs >= 2 examples of each class per batch (got {n} and {m})")
     d = z_harmful.shape[-1]
-    A = _centered(z_harmful.float()).transpose(0, 1)  # (L, n, d)
-    B = _centered(z_harmless.float()).transpose(0, 1)  # (L, m, d)
-    # ||A^T A/(n-1) - B^T B/(m-1)||_F^2 = ||AA^T||^2/(n-1)^2 + ||BB^T||^2/(m-1)^2 - 2||AB^T||^2/((n-1)(m-1))
+    A = _per_site(z_harmful) - _per_site(z_harmful).mean(1, keepdim=True)
+    B = _per_site(z_harmless) - _per_site(z_harmless).mean(1, keepdim=True)
     aa = (A @ A.transpose(1, 2)).pow(2).sum((1, 2)) / (n - 1) ** 2
     bb = (B @ B.transpose(1, 2)).pow(2).sum((1, 2)) / (m - 1) ** 2
     ab = (A @ B.transpose(1, 2)).pow(2).sum((1, 2)) / ((n - 1) * (m - 1))
     return ((aa + bb - 2 * ab) / d**2).clamp_min(0).mean()
 
 
-def mean_matching_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
-    """mean over layers of ||mean(z_harmful) - mean(z_harmless)||^2 / d; inputs (n, L, d), (m, L, d)."""
-    if z_harmful.shape[0] < 1 or z_harmless.shape[0] < 1:
-        raise ValueError("mean matching needs >= 1 example of each class per batch")
-    diff = z_harmful.float().mean(0) - z_harmless.float().mean(0)  # (L, d)
-    return diff.pow(2).mean(-1).mean()
+def excess_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """Top eigenvalue, per site, of the excess second moment E_h[z z^T] - E_o[z z^T] (the matrix whose top
+    eigenvectors the cov-diff attacker ablates). Shrinking the activations by c scales it by c^2; matching
+    the classes lowers it without shrinking them. Inputs (n, S, d), (m, S, d) -> (S,), float64."""
+    out = []
+    for s in range(z_harmful.shape[1]):
+        a, b = z_harmful[:, s].double(), z_harmless[:, s].double()
+        m = a.T @ a / a.shape[0] - b.T @ b / b.shape[0]
+        out.append(torch.linalg.eigvalsh(m)[-1])
+    return torch.stack(out)
+
+
+class MomentMemory:
+    """A per-class memory of recent (standardised) representations, detached: class statistics from
+    ``size`` prompts per class while only the current batch carries gradients. In 1536 dimensions 16
+    prompts a class give second moments that are mostly noise; the memory makes them meaningful at no
+    extra forward cost. Vectors older than ``size`` are dropped (at batch 16 a class and size 128 the
+    oldest is 7 steps stale)."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError("moment memory size must be >= 0")
+        self.size = size
+        self.bank: dict[str, torch.Tensor | None] = {"harmful": None, "harmless": None}
+
+    def with_batch(self, cls: str, current: torch.Tensor) -> torch.Tensor:
+        """The current batch (with gradients) followed by the remembered vectors of ``cls``."""
+        old = self.bank[cls]
+        if old is None or self.size == 0:
+            return current
+        return torch.cat([current, old.to(current.device, current.dtype)], 0)
+
+    def push(self, cls: str, current: torch.Tensor) -> None:
+        """Remember ``current`` (detached), keeping the newest ``size`` vectors."""
+        if self.size == 0:
+            return
+        new = current.detach().float().cpu()
+        old = self.bank[cls]
+        both = new if old is None else torch.cat([new, old], 0)
+        self.bank[cls] = both[: self.size].clone()
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "bank": self.bank}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.bank = state["size"], dict(state["bank"])
+
+
+def null_split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves of one class (alternate rows): the moment terms on them measure the noise
+    floor of an estimate from half as many prompts (an upper bound on the floor of the real term)."""
+    return z[0::2], z[1::2]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding tokens of each row: (B, T, d), (B, T) -> (B, d). The paper's pooling over
+    every prompt token (template included), against ours over the post-instruction positions only."""
+    w = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
