@@ -1,19 +1,20 @@
 """The training loop on the tiny model: every variant runs, resuming gives the same weights, NaN stops."""
 import copy
+import math
 
 import pytest
 import torch
 
 from refusal_rank import data as D
 from refusal_rank.models import bundle_from_pretrained, checkpoint_dir
-from refusal_rank.training import (TrainingDiverged, Variant, attach_lora, batch_indices, teacher_cache, train,
-                                   trainable_state)
+from refusal_rank.training import (TrainingDiverged, Variant, attach_lora, batch_indices, load_snapshot, lr_at,
+                                   micro_batches, milestone_steps, snapshot_path, teacher_cache, train, trainable_state)
 
 
 def _setup(cfg):
     b = bundle_from_pretrained(checkpoint_dir(cfg, log=lambda *_: None), cfg)
-    harm = [p.text for p in D.split_prompts("harmful_train", 12, 0)]
-    ok = [p.text for p in D.split_prompts("harmless_train", 12, 0)]
+    harm = [p.text for p in D.split_prompts("harmful_defense", 12, 0)]
+    ok = [p.text for p in D.split_prompts("harmless_defense", 12, 0)]
     layers = list(range(b.n_layers))
     teacher = teacher_cache(b, harm + ok, layers, 8, per_position=True)
     peft_model = attach_lora(b.model, cfg["defense"]["lora"], seed=0)
@@ -30,7 +31,7 @@ def test_batches_are_balanced_and_a_function_of_step():
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.parametrize("name", ["defended", "kl_only", "ablation_aware", "mean_matched"])
+@pytest.mark.parametrize("name", ["defended", "kl_only", "ablation_aware", "mean_matched", "paper_mean"])
 def test_every_variant_trains(tiny_cfg, tmp_path, name):
     b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
     before = trainable_state(b.model)
@@ -42,8 +43,17 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     assert ("mean" in terms) == (v.lambda_mean > 0)
     after = trainable_state(b.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    if v.lambda_cov:
-        assert all(h["cov"] > 0 for h in state.history)
+    if v.lambda_cov or v.lambda_mean:  # each term logged beside its noise floor (two halves of one class)
+        key = "cov" if v.lambda_cov else "mean"
+        assert all(math.isfinite(h[key]) for h in state.history) and f"{key}_null" in state.history[-1]
+    # the moment diagnostics before training and at every milestone
+    diag = [e for e in state.evals if "moments" in e]
+    assert diag[0]["step"] == 0 and {e["step"] for e in diag} >= set(tiny_cfg["defense"]["train"]["milestones"])
+    assert {"top_eig", "total_var", "mean", "mean_null", "cov", "cov_null"} <= set(diag[0]["moments"])
+    # a snapshot per milestone, verified on load
+    for m in tiny_cfg["defense"]["train"]["milestones"]:
+        assert snapshot_path(tmp_path / "ck.pt", m).is_file()
+    assert [h["lr"] for h in state.history][0] <= tiny_cfg["defense"]["train"]["lr"]
 
 
 def test_resume_gives_the_same_weights(tiny_cfg, tmp_path):
@@ -94,3 +104,51 @@ def test_per_position_variant_needs_per_position_teacher(tiny_cfg, tmp_path):
     v = Variant.from_cfg("mean_matched", tiny_cfg["defense"]["variants"]["mean_matched"])
     with pytest.raises(ValueError, match="per_position=True"):
         train(b, v, tiny_cfg["defense"]["train"], harm, ok, plain, layers, tmp_path / "c.pt", log=lambda *_: None)
+
+
+def test_micro_batches_cover_the_batch_balanced_and_sorted_by_length():
+    h, o = [5, 1, 7, 3], [2, 0, 6, 4]
+    h_len = {i: 10 * i for i in range(8)}
+    o_len = {i: 100 - i for i in range(8)}
+    mbs = micro_batches(h, o, h_len, o_len, 2)
+    assert [len(a) for a, _ in mbs] == [2, 2] and [len(b) for _, b in mbs] == [2, 2]
+    assert sorted(i for a, _ in mbs for i in a) == sorted(h) and sorted(i for _, b in mbs for i in b) == sorted(o)
+    assert mbs[0][0] == [1, 3] and mbs[0][1] == [6, 4]  # the shortest of each class together
+    with pytest.raises(ValueError, match="must divide"):
+        micro_batches(h, o, h_len, o_len, 3)
+
+
+def test_schedule_and_milestones():
+    t = {"lr": 1e-3, "warmup_steps": 4, "steps": 8, "milestones": [2, 4, 8]}
+    assert [lr_at(s, t) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert milestone_steps(t) == [2, 4, 8] and milestone_steps({"steps": 5}) == [5]
+    with pytest.raises(ValueError, match="end at steps"):
+        milestone_steps({"steps": 8, "milestones": [2, 4]})
+
+
+def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path):
+    """Gradient accumulation over length-sorted micro-batches gives the update of the whole batch (the
+    terms without class statistics are means over rows; kl_only has none)."""
+    tcfg = dict(tiny_cfg["defense"]["train"], steps=1, milestones=[1], micro_batches=1, lr=1e-2, warmup_steps=0)
+    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
+    b1, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    train(b1, v, tcfg, harm, ok, teacher, layers, tmp_path / "a.pt", log=lambda *_: None)
+    b2, *_ = _setup(tiny_cfg)
+    train(b2, v, dict(tcfg, micro_batches=2), harm, ok, teacher, layers, tmp_path / "b.pt", log=lambda *_: None)
+    w1, w2 = trainable_state(b1.model), trainable_state(b2.model)
+    # padding differs between the two splits, so equal up to float error, not bitwise
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3) for k in w1)
+
+
+def test_corrupted_snapshot_is_refused(tiny_cfg, tmp_path):
+    tcfg = dict(tiny_cfg["defense"]["train"], steps=1, milestones=[1])
+    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
+    b, peft_model, harm, ok, layers, teacher = _setup(tiny_cfg)
+    train(b, v, tcfg, harm, ok, teacher, layers, tmp_path / "ck.pt", log=lambda *_: None)
+    snap = snapshot_path(tmp_path / "ck.pt", 1)
+    load_snapshot(snap, b.model)
+    data = bytearray(snap.read_bytes())
+    data[-10] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_snapshot(snap, b.model)

@@ -1,9 +1,12 @@
 """Notebook 03's steps: train each variant once (resumable), export it, load it, evaluate it.
 
 A trained variant is identified by the profile's model, the defense config (shared training knobs and
-the variant's own weights) and the training prompts; its checkpoints and merged export live under
-``cache/<profile>/defense/<variant>-<key>/``. A finished export (verified by its manifest) is reused, an
-interrupted run resumes from its last checkpoint.
+the variant's own weights) and the training prompts; its rolling checkpoint and the snapshots of its
+trainable weights at every milestone (1x, 2x, 4x, 8x of the base budget) live under
+``cache/<profile>/defense/<variant>-<key>/``. A model at a milestone is the original plus that snapshot,
+merged in memory when it is loaded (no multi-GB export per milestone). Every variant in ``[defense] run``
+trains to the first milestone; those in ``[defense] budget_curve`` to the last. An interrupted run resumes
+from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from .config import config_hash
 from .generation import cache_key
 from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, save_verified, verify_manifest
 from .results import run_cache
-from .training import TeacherCache, TrainState, Variant, attach_lora, teacher_cache, train
+from .training import (TeacherCache, TrainState, Variant, attach_lora, load_snapshot, milestone_steps, snapshot_path,
+                       teacher_cache, train)
 
 
 def defense_prompts(cfg: dict[str, Any]) -> tuple[list[D.Prompt], list[D.Prompt]]:
@@ -45,7 +49,8 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     dc = cfg["defense"]
     # what determines the trained weights (not the variants' siblings, not the targets they are judged by,
     # not which of them notebook 03 runs by default)
-    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run")}, dc["variants"][name],
+    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval")},
+                    dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")
 
@@ -61,45 +66,106 @@ def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], l
                         lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"], per_position))
 
 
-def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print) -> dict[str, Any]:
-    """Train (or resume, or reuse) one variant; returns its training record (history, evals, time)."""
+def budget_label(cfg: dict[str, Any], step: int) -> str:
+    """'1x', '2x', ...: a step's prompt passes as a multiple of the first milestone's."""
+    first = milestone_steps(cfg["defense"]["train"])[0]
+    ratio = step / first
+    return f"{ratio:g}x"
+
+
+def prompt_passes(cfg: dict[str, Any], step: int) -> int:
+    return int(step * 2 * cfg["defense"]["train"]["batch_per_class"])
+
+
+def target_step(cfg: dict[str, Any], name: str) -> int:
+    """How far a variant trains by default: the last milestone for the budget curve, else the first."""
+    ms = milestone_steps(cfg["defense"]["train"])
+    return ms[-1] if name in (cfg["defense"].get("budget_curve") or []) else ms[0]
+
+
+def reached_milestones(cfg: dict[str, Any], name: str) -> list[int]:
+    """The milestones whose snapshot exists for this variant (in step order)."""
     out = variant_dir(cfg, name)
-    export = out / "merged"
+    return [m for m in milestone_steps(cfg["defense"]["train"]) if snapshot_path(out / "ckpt.pt", m).is_file()]
+
+
+def train_plan(cfg: dict[str, Any], names: list[str]) -> list[tuple[str, int]]:
+    """(variant, until-step) in the order the background queue trains them: every variant to 1x first,
+    then the budget-curve variants milestone by milestone, so that an interrupted queue always leaves a
+    complete curve at a lower budget rather than one variant far ahead of the others."""
+    ms = milestone_steps(cfg["defense"]["train"])
+    plan = [(n, ms[0]) for n in names]
+    for m in ms[1:]:
+        plan += [(n, m) for n in names if target_step(cfg, n) >= m]
+    return plan
+
+
+def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print, until: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one variant up to step ``until`` (default: ``target_step``); returns its
+    training record (history, evals, time), the same record whatever step it was reused at."""
+    out = variant_dir(cfg, name)
+    until = until or target_step(cfg, name)
+    if until not in milestone_steps(cfg["defense"]["train"]):
+        raise ValueError(f"train {name!r} until step {until}: not a milestone of defense.train ({milestone_steps(cfg['defense']['train'])})")
     record_path = out / "record.json"
-    if export.is_dir() and verify_manifest(export) and record_path.is_file():
-        return json.loads(record_path.read_text())
+    if record_path.is_file() and snapshot_path(out / "ckpt.pt", until).is_file():
+        record = json.loads(record_path.read_text())
+        if record["steps"] >= until:
+            return record
     bundle = bundle_from_pretrained(checkpoint_dir(cfg, log=log), cfg, name=f"{name}-student")
     harm, ok = defense_prompts(cfg)
     layers = defense_layers(cfg, bundle.n_layers)
     dc = cfg["defense"]
     variant = Variant.from_cfg(name, dc["variants"][name])
     teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers, variant.moment_sites == "positions")
-    if dc["method"] == "lora":
-        peft_model = attach_lora(bundle.model, dc["lora"], cfg["seed"])
-        bundle._nnsight = None  # rebuild the nnsight wrapper over the adapted modules
-    elif dc["method"] == "full":
-        peft_model = None
-        bundle.model.requires_grad_(True)
-        bundle.model.get_input_embeddings().requires_grad_(False)
-    else:
-        raise ValueError(f"defense.method must be 'lora' or 'full', not {dc['method']!r}")
+    peft_model = _trainable(cfg, bundle)
     evaluate = evaluate_factory(bundle) if evaluate_factory else None
     state: TrainState = train(bundle, variant, dc["train"], [p.text for p in harm], [p.text for p in ok], teacher,
-                              layers, out / "ckpt.pt", evaluate=evaluate, log=log)
-    model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
-    model.requires_grad_(False)
+                              layers, out / "ckpt.pt", evaluate=evaluate, stop_at=until, log=log)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
-              "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals}
-    record_path.write_text(json.dumps(record))
-    save_verified(model, bundle.tokenizer, export)  # last: a verified export implies a complete record
+              "padded_tokens": state.padded_tokens,
+              "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals,
+              "milestones": {budget_label(cfg, m): m for m in milestone_steps(dc["train"]) if m <= state.step}}
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(record_path)
+    del peft_model
     return record
 
 
-def load_variant(cfg: dict[str, Any], name: str) -> ModelBundle:
-    export = variant_dir(cfg, name) / "merged"
-    if not (export.is_dir() and verify_manifest(export)):
-        raise FileNotFoundError(f"variant {name!r} has no verified export in {export}: train it first (notebook 03).")
-    return bundle_from_pretrained(str(export), cfg, name=f"{name}-{variant_dir(cfg, name).name}")
+def _trainable(cfg: dict[str, Any], bundle: ModelBundle):
+    """Make the bundle's model trainable as the profile says (LoRA adapters, or every weight but the
+    embedding); returns the PeftModel or None."""
+    dc = cfg["defense"]
+    if dc["method"] == "lora":
+        peft_model = attach_lora(bundle.model, dc["lora"], cfg["seed"])
+        bundle._nnsight = None  # rebuild the nnsight wrapper over the adapted modules
+        return peft_model
+    if dc["method"] == "full":
+        bundle.model.requires_grad_(True)
+        bundle.model.get_input_embeddings().requires_grad_(False)
+        return None
+    raise ValueError(f"defense.method must be 'lora' or 'full', not {dc['method']!r}")
+
+
+def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> ModelBundle:
+    """The original model with a variant's trainable weights at milestone ``step`` (default: the variant's
+    target), merged: a plain model that every notebook reads like the original."""
+    step = step or target_step(cfg, name)
+    vdir = variant_dir(cfg, name)
+    snap = snapshot_path(vdir / "ckpt.pt", step)
+    if not snap.is_file():
+        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {vdir}: train it first "
+                                f"(notebook 03, or tools/train_variant.py --variant {name}).")
+    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}")
+    peft_model = _trainable(cfg, bundle)
+    load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them
+    model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
+    model.requires_grad_(False)
+    model.eval()
+    bundle.model = model
+    bundle._nnsight = None
+    return bundle
 
 
 def periodic_eval(cfg: dict[str, Any], tv, base_lp_harmless_val: torch.Tensor):

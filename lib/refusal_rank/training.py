@@ -10,7 +10,15 @@ Design:
   would have seen, so the final weights are the same (tested).
 * Every activation read and patch goes through nnsight (gradients flow through its traces): pooled
   decoder-layer outputs for the moment terms, and run-time ablation for the ablation-aware term.
-* Checkpoints (trainable weights, optimiser, step, history) are written atomically every
+* Moment terms are scale-free and unbiased (``defense``) and read class statistics from the current batch
+  plus a per-class memory of the last ``moment_memory`` pooled vectors (detached). Every step also logs the
+  same terms on two halves of the harmless class (``*_null``): the term's noise floor, beside its value.
+* The batch is split into ``micro_batches`` class-balanced micro-batches of similar length (gradients
+  accumulate): the same prompts and the same update, with less padding computed.
+* The learning rate warms up linearly for ``warmup_steps`` and then stays constant, so that the snapshots
+  kept at ``milestones`` (1x, 2x, 4x, 8x of the base budget) are each a model trained at the same rate for
+  that many prompt passes, none favoured by a decay that ends on it.
+* Checkpoints (trainable weights, optimiser, step, history, moment memory) are written atomically every
   ``ckpt_every`` steps; a non-finite loss or a loss above ``diverge_factor`` x its first value stops
   training with a message naming the step and the last checkpoint.
 """
@@ -27,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import Ablation, encode, run_interventions
-from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, pool_positions, prompt_lm_loss
+from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, prompt_lm_loss
 from .models import ModelBundle
 
 
@@ -46,7 +54,8 @@ class Variant:
     lambda_mean: float = 0.0
     lambda_lm: float = 1.0
     lambda_abl: float = 0.0  # ablation-aware distillation
-    moment_sites: str = "pooled"  # "pooled": mean over post-instruction positions; "positions": each position
+    moment_sites: str = "pooled"  # "pooled": mean over post-instruction positions; "positions": each position;
+    # "prompt": mean over every prompt token (the paper's pooling)
     moment_depth: float = 1.0  # match moments at layers below this fraction of depth (0.8: where attackers look)
     k_max: int = 16
     refresh_every: int = 10
@@ -65,41 +74,37 @@ class TeacherCache:
     standardizer: Standardizer  # per layer, of the pooled representations: (L, d)
     ids: list[str] = field(default_factory=list)
     position_standardizer: Standardizer | None = None  # per (layer, position), flattened: (L * n_post, d)
-
-
-def pooled_layer_outputs(lm: Any, n_layers: int, n_post: int, layers: Sequence[int], saved: list) -> None:
-    """Inside an nnsight trace: save the pooled (mean over post-instruction positions) output of each layer."""
-    for layer in layers:
-        saved.append(lm.model.layers[layer].output[:, -n_post:, :].mean(1).save())
-
-
-def position_layer_outputs(lm: Any, n_post: int, layers: Sequence[int], saved: list) -> None:
-    """Inside an nnsight trace: save each layer's output at every post-instruction position, (B, n_post, d)."""
-    for layer in layers:
-        saved.append(lm.model.layers[layer].output[:, -n_post:, :].save())
+    prompt_standardizer: Standardizer | None = None  # per layer, of the mean over every prompt token: (L, d)
 
 
 @torch.no_grad()  # not inference_mode: these tensors enter the student's autograd graph as constants
 def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[int], batch_size: int,
                   per_position: bool = False) -> TeacherCache:
-    """Last-position logits and pooled layer statistics of the (original) model on ``prompts``; with
-    ``per_position`` also the statistics of every (layer, post-instruction position), accumulated in
-    float64 sums (the (N, L, n_post, d) activations are never held at once)."""
+    """Last-position logits and pooled layer statistics of the (original) model on ``prompts`` (pooled over
+    the post-instruction positions, and over every prompt token); with ``per_position`` also the statistics
+    of every (layer, post-instruction position), accumulated in float64 sums (the (N, L, n_post, d)
+    activations are never held at once)."""
     from .activations import length_batches
+    from .defense import masked_mean
 
     lm = bundle.lm
     logits = torch.empty(len(prompts), bundle.model.config.vocab_size, dtype=torch.float16)
     pooled = torch.empty(len(prompts), len(layers), bundle.d_model, dtype=torch.float32)
+    whole = torch.empty(len(prompts), len(layers), bundle.d_model, dtype=torch.float32)
     s1 = s2 = None
     for idx in tqdm(list(length_batches(bundle, prompts, batch_size)), desc="teacher", leave=False):
         enc = encode(bundle, [prompts[i] for i in idx])
         saved: list[Any] = []
         with lm.trace(enc, logits_to_keep=1):
-            position_layer_outputs(lm, bundle.n_post, layers, saved)
+            for layer in layers:
+                saved.append(lm.model.layers[layer].output.save())
             saved.append(lm.lm_head.output[:, -1, :].save())
         logits[idx] = saved[-1].half().cpu()
-        per_pos = torch.stack([s.double().cpu() for s in saved[:-1]], dim=1)  # (B, L, P, d)
+        full = [s.double().cpu() for s in saved[:-1]]
+        per_pos = torch.stack([h[:, -bundle.n_post:] for h in full], dim=1)  # (B, L, P, d)
         pooled[idx] = per_pos.mean(2).float()
+        mask = enc["attention_mask"].cpu()
+        whole[idx] = torch.stack([masked_mean(h, mask) for h in full], dim=1).float()
         if per_position:
             flat = per_pos.flatten(1, 2)
             s1 = flat.sum(0) if s1 is None else s1 + flat.sum(0)
@@ -110,7 +115,8 @@ def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[
         mean = s1 / n
         var = (s2 - n * mean.pow(2)) / max(n - 1, 1)
         pos = Standardizer(mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-4).float())
-    return TeacherCache(logits, Standardizer.fit(pooled), position_standardizer=pos)
+    return TeacherCache(logits, Standardizer.fit(pooled), position_standardizer=pos,
+                        prompt_standardizer=Standardizer.fit(whole))
 
 
 def batch_indices(step: int, seed: int, n_harm: int, n_ok: int, per_class: int) -> tuple[list[int], list[int]]:
@@ -153,6 +159,8 @@ class TrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    padded_tokens: int = 0
+    moment_memory: dict[str, Any] | None = None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -175,15 +183,158 @@ def load_checkpoint(path: Path, model, opt) -> tuple[TrainState, torch.Tensor | 
     return TrainState(**ck["state"]), ck["basis"]
 
 
+def snapshot_path(ckpt_path: Path, step: int) -> Path:
+    """Where the trainable weights at a milestone step are kept (beside the rolling checkpoint)."""
+    return ckpt_path.parent / f"snapshot-{step:05d}.pt"
+
+
+def save_snapshot(path: Path, model) -> None:
+    """Trainable weights, written atomically with a sha256 sidecar (checked on every load)."""
+    from .models import sha256_file
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(trainable_state(model), tmp)
+    digest = sha256_file(tmp)
+    tmp.replace(path)
+    path.with_suffix(".sha256").write_text(digest + "\n")
+
+
+def load_snapshot(path: Path, model) -> None:
+    """Load a milestone's trainable weights into ``model`` (same adapters as when it was saved), after
+    checking the file against its digest: a corrupted or unverified snapshot is never loaded."""
+    from .models import sha256_file
+
+    side = path.with_suffix(".sha256")
+    if not side.is_file() or side.read_text().strip() != sha256_file(path):
+        raise ValueError(f"snapshot {path} does not match its sha256 sidecar (corrupted or incomplete): "
+                         f"delete it and retrain from the rolling checkpoint.")
+    weights = torch.load(path, weights_only=True)
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"snapshot {path} holds {len(missing)} weights this model lacks (e.g. {missing[0]})")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+
+
+def lr_at(step: int, tcfg: dict[str, Any]) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant (see the module docstring for why)."""
+    warm = int(tcfg.get("warmup_steps", 0))
+    return tcfg["lr"] * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+
+def milestone_steps(tcfg: dict[str, Any]) -> list[int]:
+    """The steps whose weights are kept: ``milestones`` (multiples of the base budget), else the last step."""
+    out = sorted({int(m) for m in tcfg.get("milestones") or [tcfg["steps"]]})
+    if out[-1] != tcfg["steps"] or out[0] < 1:
+        raise ValueError(f"defense.train.milestones {out} must be positive and end at steps = {tcfg['steps']}")
+    return out
+
+
+def micro_batches(h_idx: Sequence[int], o_idx: Sequence[int], h_len: Sequence[int], o_len: Sequence[int],
+                  n_micro: int) -> list[tuple[list[int], list[int]]]:
+    """Split one class-balanced batch into ``n_micro`` class-balanced micro-batches of similar length:
+    each class is sorted by token length and cut into consecutive chunks, and the j-th chunks of the two
+    classes form micro-batch j. The union is the batch (same prompts, same update), with less padding."""
+    if n_micro < 1 or len(h_idx) % n_micro or len(o_idx) % n_micro:
+        raise ValueError(f"micro_batches = {n_micro} must divide batch_per_class = {len(h_idx)}")
+    hs = sorted(h_idx, key=lambda i: (h_len[i], i))
+    os_ = sorted(o_idx, key=lambda i: (o_len[i], i))
+    ch, co = len(hs) // n_micro, len(os_) // n_micro
+    return [(hs[j * ch:(j + 1) * ch], os_[j * co:(j + 1) * co]) for j in range(n_micro)]
+
+
+def moment_sites(bundle: ModelBundle, variant: Variant, teacher: TeacherCache, layers: Sequence[int]) -> tuple[list[int], Standardizer]:
+    """The decoder layers whose representations a variant matches, and the fixed per-dimension
+    standardiser of those sites (the teacher's; it only sets units: the terms themselves are scale-free)."""
+    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
+    n_post = bundle.n_post
+    if variant.moment_sites == "positions":
+        if teacher.position_standardizer is None:
+            raise ValueError(f"variant {variant.name} matches moments per position: the teacher cache needs per_position=True")
+        rows = torch.tensor([i * n_post + p for i in m_idx for p in range(n_post)])
+        std = Standardizer(teacher.position_standardizer.mean[rows], teacher.position_standardizer.std[rows])
+    elif variant.moment_sites == "pooled":
+        std = Standardizer(teacher.standardizer.mean[m_idx], teacher.standardizer.std[m_idx])
+    elif variant.moment_sites == "prompt":
+        if teacher.prompt_standardizer is None:
+            raise ValueError(f"variant {variant.name} pools over the prompt: its teacher cache predates that statistic")
+        std = Standardizer(teacher.prompt_standardizer.mean[m_idx], teacher.prompt_standardizer.std[m_idx])
+    else:
+        raise ValueError(f"moment_sites must be 'pooled', 'positions' or 'prompt', not {variant.moment_sites!r}")
+    return [layers[i] for i in m_idx], std
+
+
+def _save_sites(lm: Any, mode: str, m_layers: Sequence[int], n_post: int, saved: list) -> None:
+    """Inside an nnsight trace: save what the moment terms read at each matched layer."""
+    for layer in m_layers:
+        out = lm.model.layers[layer].output
+        saved.append((out if mode == "prompt" else out[:, -n_post:, :]).save())
+
+
+def _site_vectors(saved: Sequence[torch.Tensor], mode: str, mask: torch.Tensor, std: Standardizer) -> torch.Tensor:
+    """(B, S, d) standardised site vectors from what ``_save_sites`` saved."""
+    from .defense import masked_mean
+
+    if mode == "prompt":
+        acts = torch.stack([masked_mean(h, mask) for h in saved], dim=1)
+    elif mode == "pooled":
+        acts = torch.stack([h.mean(1) for h in saved], dim=1)
+    else:  # positions: (B, L, P, d) -> (B, L * P, d)
+        acts = torch.stack(list(saved), dim=1).flatten(1, 2)
+    return std(acts)
+
+
+@torch.no_grad()
+def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCache, layers: Sequence[int],
+                       harmful: Sequence[str], harmless: Sequence[str], batch_size: int) -> dict[str, Any]:
+    """At the current weights, on fixed prompts: the scale-free terms, their value on two halves of the
+    harmless class (the noise floor), the top eigenvalue of the excess second moment and the total
+    variance of the standardised representations, averaged over the matched sites. Shrinking shows as a
+    falling total variance and top eigenvalue with unchanged terms; matching as falling terms and top
+    eigenvalue at an unchanged total variance."""
+    from .defense import class_mean_gap, cov_matching_loss, excess_top_eig, mean_matching_loss, null_split
+
+    mode = variant.moment_sites if (variant.lambda_cov or variant.lambda_mean) else "pooled"
+    v = Variant(variant.name, moment_sites=mode, moment_depth=variant.moment_depth if mode != "pooled" or variant.lambda_cov
+                or variant.lambda_mean else 1.0)
+    m_layers, std = moment_sites(bundle, v, teacher, layers)
+    was = bundle.model.training
+    bundle.model.eval()
+    try:
+        def vectors(texts: Sequence[str]) -> torch.Tensor:
+            out = []
+            for i in range(0, len(texts), batch_size):
+                enc = encode(bundle, list(texts[i:i + batch_size]))
+                saved: list[Any] = []
+                with bundle.lm.trace(enc, logits_to_keep=1):
+                    _save_sites(bundle.lm, mode, m_layers, bundle.n_post, saved)
+                out.append(_site_vectors([t.float() for t in saved], mode, enc["attention_mask"], std).float().cpu())
+            return torch.cat(out)
+        h, o = vectors(harmful), vectors(harmless)
+    finally:
+        bundle.model.train(was)
+    o1, o2 = null_split(o)
+    _, var = class_mean_gap(h, o)
+    return {"mean": round(float(mean_matching_loss(h, o)), 6), "mean_null": round(float(mean_matching_loss(o1, o2)), 6),
+            "cov": round(float(cov_matching_loss(h, o)), 6), "cov_null": round(float(cov_matching_loss(o1, o2)), 6),
+            "top_eig": round(float(excess_top_eig(h, o).mean()), 6), "total_var": round(float(var.mean() / 2), 4),
+            "sites": mode, "n_sites": int(h.shape[1]), "n": [int(h.shape[0]), int(o.shape[0])]}
+
+
 def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: Sequence[str], harmless: Sequence[str],
           teacher: TeacherCache, layers: Sequence[int], ckpt_path: Path,
           evaluate: Callable[[int], dict[str, Any]] | None = None, stop_after: int | None = None,
-          log: Callable[[str], None] = print) -> TrainState:
+          stop_at: int | None = None, log: Callable[[str], None] = print) -> TrainState:
     """Train ``bundle.model`` in place (its trainable parameters must already be set up).
 
     ``harmful``/``harmless`` texts index ``teacher.logits`` as harmful first, then harmless.
-    ``stop_after`` ends the call after that many steps of this call (used to test resuming).
+    ``stop_after`` ends the call after that many steps of this call (used to test resuming); ``stop_at``
+    ends it once ``stop_at`` steps are done (to train a variant to one milestone and continue it later).
     """
+    from .defense import MomentMemory, null_split
+
     model = bundle.model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -194,71 +345,102 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         state, basis = load_checkpoint(ckpt_path, model, opt)
         log(f"resumed {variant.name} from step {state.step} ({ckpt_path})")
     steps, per_class = tcfg["steps"], tcfg["batch_per_class"]
+    end = min(steps, stop_at) if stop_at is not None else steps
+    milestones = milestone_steps(tcfg)
+    n_micro = int(tcfg.get("micro_batches", 1))
     lm, n_post = bundle.lm, bundle.n_post
     n_h = len(harmful)
-    first_loss = state.history[0]["loss"] if state.history else None
+    first_loss = (sum(state.history[0].get(k, 0.0) for k in ("lm", "kd", "abl")) if state.history else None)
     abl_layers = list(range(int(bundle.n_layers * (1 - tcfg.get("drop_last_frac", 0.2)))))
-    # the layers (indices into ``layers``) whose moments are matched, and the standardiser of those sites
-    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
-    if variant.moment_sites == "positions":
-        if teacher.position_standardizer is None:
-            raise ValueError(f"variant {variant.name} matches moments per position: the teacher cache needs per_position=True")
-        rows = torch.tensor([i * n_post + p for i in m_idx for p in range(n_post)])
-        z_std = Standardizer(teacher.position_standardizer.mean[rows], teacher.position_standardizer.std[rows])
-    elif variant.moment_sites == "pooled":
-        z_std = Standardizer(teacher.standardizer.mean[m_idx], teacher.standardizer.std[m_idx])
-    else:
-        raise ValueError(f"moment_sites must be 'pooled' or 'positions', not {variant.moment_sites!r}")
-    m_layers = [layers[i] for i in m_idx]
+    m_layers, z_std = moment_sites(bundle, variant, teacher, layers)
+    mode = variant.moment_sites
     moments = bool(variant.lambda_cov or variant.lambda_mean)
+    memory = MomentMemory(int(tcfg.get("moment_memory", 0)))
+    if state.moment_memory is not None:
+        memory.load_state_dict(state.moment_memory)
+    tok = bundle.tokenizer
+    lengths = [len(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                           **bundle.template_kwargs)) for t in list(harmful) + list(harmless)]
+    h_len, o_len = lengths[:n_h], lengths[n_h:]
+    diag_n = int(tcfg.get("diag_prompts", 0))
+    diag = (lambda: moment_diagnostics(bundle, variant, teacher, layers, harmful[:diag_n], harmless[:diag_n],
+                                       2 * per_class // n_micro)) if diag_n else None
+    if diag is not None and state.step == 0 and not state.evals:
+        state.evals.append({"step": 0, "moments": diag()})
     model.train()
-    bar = tqdm(range(state.step, steps), desc=f"train {variant.name}", initial=state.step, total=steps)
+    bar = tqdm(range(state.step, end), desc=f"train {variant.name}", initial=state.step, total=steps)
     done_here = 0
     for step in bar:
         t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tcfg)
         hi, oi = batch_indices(step, tcfg["seed"], n_h, len(harmless), per_class)
-        texts = [harmful[i] for i in hi] + [harmless[i] for i in oi]
-        t_logits = torch.cat([teacher.logits[hi], teacher.logits[[n_h + i for i in oi]]]).float().to(bundle.device)
-        enc = encode(bundle, texts)
-        saved: list[Any] = []
-        with lm.trace(enc):
-            if moments and variant.moment_sites == "positions":
-                position_layer_outputs(lm, n_post, m_layers, saved)
-            elif moments:
-                pooled_layer_outputs(lm, bundle.n_layers, n_post, m_layers, saved)
-            saved.append(lm.lm_head.output.save())
-        logits = saved[-1]
-        terms: dict[str, torch.Tensor] = {}
-        terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
-        terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
-        if moments:
-            acts = torch.stack(saved[:-1], dim=1)  # (B, L, d) pooled or (B, L, P, d)
-            z = z_std(acts.flatten(1, 2) if acts.dim() == 4 else acts)
-            if variant.lambda_cov:
-                terms["cov"] = cov_matching_loss(z[:per_class], z[per_class:])
-            if variant.lambda_mean:
-                terms["mean"] = mean_matching_loss(z[:per_class], z[per_class:])
-        loss = (variant.lambda_lm * terms["lm"] + variant.lambda_kd * terms["kd"]
-                + variant.lambda_cov * terms.get("cov", 0.0) + variant.lambda_mean * terms.get("mean", 0.0))
-        loss.backward()
+        sums: dict[str, float] = {}
+        value = 0.0
         if variant.lambda_abl:
             if basis is None or step % variant.refresh_every == 0:
                 sub_h = [harmful[i] for i in range(min(n_h, tcfg["subspace_prompts"]))]
                 sub_o = [harmless[i] for i in range(min(len(harmless), tcfg["subspace_prompts"]))]
                 basis = attack_subspace(bundle, sub_h, sub_o, variant.k_max, abl_layers, tcfg["batch_per_class"] * 2)
-            k = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
-            a = min(per_class, variant.abl_per_class or per_class)  # the first a of each class
-            rows = list(range(a)) + list(range(per_class, per_class + a))
-            enc2 = enc if a == per_class else encode(bundle, [texts[i] for i in rows])
-            saved2: list[Any] = []
-            with lm.trace(enc2, logits_to_keep=1):
-                run_interventions(lm, Ablation(basis[:, :k]), bundle.n_layers)
-                saved2.append(lm.lm_head.output[:, -1, :].save())
-            terms["abl"] = kd_loss(saved2[0], t_logits[rows], variant.temperature)
-            (variant.lambda_abl * terms["abl"]).backward()
-            loss = loss + variant.lambda_abl * terms["abl"].detach()
-        value = float(loss.detach())
-        if not math.isfinite(value) or (first_loss is not None and value > tcfg["diverge_factor"] * max(first_loss, 1e-3)):
+            k_abl = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
+        mbs = micro_batches(hi, oi, h_len, o_len, n_micro)
+        encs = [encode(bundle, [harmful[i] for i in mh] + [harmless[i] for i in mo]) for mh, mo in mbs]
+        n_targets = [int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in encs]
+        for (mh, mo), enc, n_t in zip(mbs, encs, n_targets):
+            c = len(mh)
+            w = c / per_class  # this micro-batch's share of the batch's rows (KD, moment terms)
+            w_lm = n_t / sum(n_targets)  # and of its LM targets: the accumulated LM loss is the whole batch's mean
+            texts = [harmful[i] for i in mh] + [harmless[i] for i in mo]
+            t_logits = torch.cat([teacher.logits[mh], teacher.logits[[n_h + i for i in mo]]]).float().to(bundle.device)
+            saved: list[Any] = []
+            with lm.trace(enc):
+                if moments:
+                    _save_sites(lm, mode, m_layers, n_post, saved)
+                saved.append(lm.lm_head.output.save())
+            logits = saved[-1]
+            terms: dict[str, torch.Tensor] = {}
+            terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
+            terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
+            if moments:
+                z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std)
+                zh, zo = memory.with_batch("harmful", z[:c]), memory.with_batch("harmless", z[c:])
+                if variant.lambda_cov:
+                    terms["cov"] = cov_matching_loss(zh, zo)
+                if variant.lambda_mean:
+                    terms["mean"] = mean_matching_loss(zh, zo)
+                with torch.no_grad():  # the noise floor: the same term on two halves of one class
+                    o1, o2 = null_split(zo.detach())
+                    if min(o1.shape[0], o2.shape[0]) >= 4:
+                        if variant.lambda_cov:
+                            terms["cov_null"] = cov_matching_loss(o1, o2)
+                        if variant.lambda_mean:
+                            terms["mean_null"] = mean_matching_loss(o1, o2)
+                memory.push("harmful", z[:c])
+                memory.push("harmless", z[c:])
+            rest = (variant.lambda_kd * terms["kd"] + variant.lambda_cov * terms.get("cov", 0.0)
+                    + variant.lambda_mean * terms.get("mean", 0.0))
+            loss = w_lm * variant.lambda_lm * terms["lm"] + w * rest
+            loss.backward()
+            value += float(loss.detach())
+            if variant.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
+                a = max(1, min(c, (variant.abl_per_class or per_class) // n_micro))
+                rows = list(range(a)) + list(range(c, c + a))
+                enc2 = enc if a == c else encode(bundle, [texts[i] for i in rows])
+                saved2: list[Any] = []
+                with lm.trace(enc2, logits_to_keep=1):
+                    run_interventions(lm, Ablation(basis[:, :k_abl]), bundle.n_layers)
+                    saved2.append(lm.lm_head.output[:, -1, :].save())
+                terms["abl"] = kd_loss(saved2[0], t_logits[rows], variant.temperature)
+                (w * variant.lambda_abl * terms["abl"]).backward()
+                value += w * variant.lambda_abl * float(terms["abl"].detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + (w_lm if k == "lm" else w) * float(v.detach())
+            state.tokens += int(enc["attention_mask"].sum())
+            state.padded_tokens += int(enc["attention_mask"].numel())
+        # explosion is judged on the non-negative terms (LM, KD, ablation-aware KD): the unbiased moment terms
+        # are bounded ratios that may be negative on a draw, so the total loss is no yardstick
+        positive = sum(v for k, v in sums.items() if k in ("lm", "kd", "abl"))
+        if not math.isfinite(value) or (first_loss is not None and positive > tcfg["diverge_factor"] * max(first_loss, 1e-3)):
             raise TrainingDiverged(
                 f"{variant.name}: loss {value:.4g} at step {step} (first {first_loss}); training stopped. "
                 f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
@@ -269,17 +451,25 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        first_loss = value if first_loss is None else first_loss
+        first_loss = positive if first_loss is None else first_loss
         state.step = step + 1
         state.seconds += time.perf_counter() - t0
-        state.tokens += int(enc["attention_mask"].sum())
-        state.history.append({"step": step, "loss": value, **{k: float(v.detach()) for k, v in terms.items()}})
-        bar.set_postfix({k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
-        if evaluate is not None and (state.step % tcfg["eval_every"] == 0 or state.step == steps):
+        state.history.append({"step": step, "loss": value, "lr": lr_at(step, tcfg), "grad_norm": grad_norm, **sums})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if not k.endswith("_null")})
+        at_milestone = state.step in milestones
+        if at_milestone:
+            save_snapshot(snapshot_path(ckpt_path, state.step), model)
+        if (evaluate is not None or diag is not None) and (state.step % tcfg["eval_every"] == 0 or at_milestone):
             model.eval()
-            state.evals.append({"step": state.step, **evaluate(state.step)})
+            entry: dict[str, Any] = {"step": state.step}
+            if evaluate is not None:
+                entry.update(evaluate(state.step))
+            if diag is not None:
+                entry["moments"] = diag()
+            state.evals.append(entry)
             model.train()
-        if state.step % tcfg["ckpt_every"] == 0 or state.step == steps:
+        state.moment_memory = memory.state_dict() if memory.size else None
+        if state.step % tcfg["ckpt_every"] == 0 or at_milestone or state.step == end:
             save_checkpoint(ckpt_path, model, opt, state, basis)
         done_here += 1
         if stop_after is not None and done_here >= stop_after:

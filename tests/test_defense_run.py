@@ -1,0 +1,37 @@
+"""Notebook 03's orchestration on tiny: the training plan, training to a milestone and on, loading a
+variant at each milestone."""
+import pytest
+import torch
+
+from refusal_rank import defense_run as R
+
+
+@pytest.fixture()
+def cfg(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path))
+    return tiny_cfg
+
+
+def test_plan_trains_every_variant_to_1x_before_the_curve(tiny_cfg):
+    plan = R.train_plan(tiny_cfg, ["defended", "kl_only", "paper_mean"])
+    assert plan[:3] == [("defended", 1), ("kl_only", 1), ("paper_mean", 1)]
+    assert plan[3:] == [("defended", 2), ("kl_only", 2), ("defended", 4), ("kl_only", 4)]  # budget_curve only
+    assert R.budget_label(tiny_cfg, 4) == "4x" and R.prompt_passes(tiny_cfg, 2) == 2 * 2 * 4
+
+
+def test_train_to_a_milestone_then_on_and_load_each(cfg):
+    rec1 = R.train_variant(cfg, "kl_only", until=1, log=lambda *_: None)
+    assert rec1["steps"] == 1 and R.reached_milestones(cfg, "kl_only") == [1]
+    assert R.train_variant(cfg, "kl_only", until=1, log=lambda *_: None)["steps"] == 1  # reused, not retrained
+    rec = R.train_variant(cfg, "kl_only", until=4, log=lambda *_: None)  # resumes from the checkpoint
+    assert rec["steps"] == 4 and R.reached_milestones(cfg, "kl_only") == [1, 2, 4]
+    assert set(rec["milestones"]) == {"1x", "2x", "4x"}
+    m1, m4 = R.load_variant(cfg, "kl_only", 1), R.load_variant(cfg, "kl_only", 4)
+    w1 = dict(m1.model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    w4 = dict(m4.model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    assert not torch.equal(w1, w4) and m1.name != m4.name  # different weights, different cache identities
+    assert not any("lora" in n for n, _ in m4.model.named_parameters())  # merged: a plain model
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        R.load_variant(cfg, "defended", 1)
+    with pytest.raises(ValueError, match="not a milestone"):
+        R.train_variant(cfg, "kl_only", until=3, log=lambda *_: None)
