@@ -50,6 +50,12 @@ def load_config(name: str | None = None) -> dict[str, Any]:
     if cfg.get("profile") != name:
         raise ProfileError(f"{path} declares profile={cfg.get('profile')!r}, expected {name!r}.")
     cfg["_path"] = str(path)
+    if cfg.get("model", {}).get("dtype") == "auto":
+        from .bench import preferred_cpu_dtype
+
+        # the concrete dtype replaces "auto", so that every cache key names what was computed
+        cfg["model"]["dtype"] = preferred_cpu_dtype() if not cfg["model"].get("device", "cpu").startswith("cuda") else "bfloat16"
+        cfg["model"]["dtype_requested"] = "auto"
     return cfg
 
 

@@ -1,0 +1,91 @@
+"""Training speed of the defense, against this machine's matmul peak, before and after, in one run.
+
+    python benchmarks/bench_training.py --profile cpu [--steps 2] [--per-class 8]
+
+Runs the same class-balanced batches of the `defended` variant through ``training.train`` under two
+settings, side by side in one process after one shared warm-up step: "before" (the earlier runs' setup:
+LoRA r=16, the whole batch in one padded pass, no moment memory) and "after" (the profile's
+``[defense.lora]`` and ``[defense.train]``: its rank, length-sorted micro-batches, the moment memory).
+It reports non-padding tokens/s and their FLOPs (4 x parameters a token for LoRA: forward plus the
+backward pass into the activations) as a fraction of the matmul peak of the profile's dtype, measured at
+the start and the end of the same run (the larger of the two is used). Writes ``training`` into
+results/<profile>/bench.json. It also prints the moment terms of the first step beside their noise floor
+on the real model. A benchmark, not a test: time only what runs alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from refusal_rank import defense_run as R
+from refusal_rank.bench import forward_flops_per_token, matmul_peak_gflops
+from refusal_rank.config import load_config, results_dir
+from refusal_rank.models import bundle_from_pretrained, checkpoint_dir
+from refusal_rank.training import Variant, attach_lora, teacher_cache, train
+
+
+def run_setting(cfg, lora: dict, tcfg: dict, harm, ok, layers, steps: int, workdir: Path) -> dict:
+    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name="bench-student")
+    teacher = teacher_cache(bundle, harm + ok, layers, 2 * tcfg["batch_per_class"])
+    attach_lora(bundle.model, lora, cfg["seed"])
+    bundle._nnsight = None
+    v = Variant.from_cfg("defended", cfg["defense"]["variants"]["defended"])
+    t = dict(tcfg, steps=steps + 1, milestones=[steps + 1], eval_every=10**9, ckpt_every=10**9, diag_prompts=0)
+    state = train(bundle, v, t, harm, ok, teacher, layers, workdir / f"r{lora['r']}-m{t['micro_batches']}.pt",
+                  stop_at=1, log=lambda *_: None)  # warm-up step, not timed (checkpointed, then resumed)
+    s0, tok0, pad0 = state.seconds, state.tokens, state.padded_tokens
+    state = train(bundle, v, t, harm, ok, teacher, layers, workdir / f"r{lora['r']}-m{t['micro_batches']}.pt",
+                  log=lambda *_: None)
+    secs, toks, pads = state.seconds - s0, state.tokens - tok0, state.padded_tokens - pad0
+    flops_tok = 2 * forward_flops_per_token(bundle.model)  # ~4 x parameters
+    return {"lora_r": lora["r"], "micro_batches": t["micro_batches"], "moment_memory": t.get("moment_memory", 0),
+            "steps_timed": steps, "seconds": round(secs, 2), "tokens": toks, "padded_tokens": pads,
+            "padding_share": round(1 - toks / max(pads, 1), 4), "tokens_per_s": round(toks / secs, 3),
+            "seconds_per_step": round(secs / steps, 2), "gflops": round(toks / secs * flops_tok / 1e9, 2),
+            "first_step_terms": {k: round(v, 5) for k, v in state.history[0].items() if k in ("cov", "cov_null", "lm", "kd")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per setting (after one warm-up step)")
+    ap.add_argument("--per-class", type=int, default=8, help="prompts per class a step (the profile's: 16)")
+    a = ap.parse_args()
+    cfg = load_config(a.profile)
+    dtype = getattr(torch, cfg["model"]["dtype"])
+    peak0 = matmul_peak_gflops(dtype, n=1024)
+    harm, ok = R.defense_prompts(cfg)
+    n = (a.steps + 1) * a.per_class
+    harm, ok = [p.text for p in harm[:n]], [p.text for p in ok[:n]]
+    dc = cfg["defense"]
+    with tempfile.TemporaryDirectory() as tmp:
+        from refusal_rank.models import load_model
+
+        n_layers = load_model(cfg).n_layers
+        layers = R.defense_layers(cfg, n_layers)
+        base_t = dict(dc["train"], batch_per_class=a.per_class)
+        before = run_setting(cfg, dict(dc["lora"], r=16, alpha=32), dict(base_t, micro_batches=1, moment_memory=0),
+                             harm, ok, layers, a.steps, Path(tmp))
+        after = run_setting(cfg, dc["lora"], base_t, harm, ok, layers, a.steps, Path(tmp))
+    peak1 = matmul_peak_gflops(dtype, n=1024)
+    peak = max(peak0, peak1)
+    for r in (before, after):
+        r["fraction_of_peak"] = round(r["gflops"] / peak, 4)
+    out = {"dtype": cfg["model"]["dtype"], "peak_gflops": round(peak, 2), "peak_start_end": [round(peak0, 2), round(peak1, 2)],
+           "per_class": a.per_class, "before": before, "after": after,
+           "step_speedup": round(before["seconds_per_step"] / after["seconds_per_step"], 3),
+           "created": time.strftime("%Y-%m-%d %H:%M")}
+    path = results_dir(cfg["profile"]) / "bench.json"
+    bench = json.loads(path.read_text()) if path.is_file() else {}
+    bench["training"] = out
+    path.write_text(json.dumps(bench, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
