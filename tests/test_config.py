@@ -36,3 +36,12 @@ def test_default_variants_follow_defense_run_and_reject_unknown():
     cfg["defense"]["run"] = ["nope"]
     with pytest.raises(ValueError, match="unknown variant"):
         default_variants(cfg)
+
+
+def test_auto_dtype_resolves_to_what_this_cpu_multiplies_fastest():
+    """'auto' never reaches a cache key: it is replaced by the measured choice, and the request is kept."""
+    from refusal_rank.config import load_config
+
+    cfg = load_config("cpu")
+    assert cfg["model"]["dtype"] in ("bfloat16", "float32") and cfg["model"]["dtype_requested"] == "auto"
+    assert load_config("cpu")["model"]["dtype"] == cfg["model"]["dtype"]  # one measurement a process

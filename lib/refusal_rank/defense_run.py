@@ -49,7 +49,7 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     dc = cfg["defense"]
     # what determines the trained weights (not the variants' siblings, not the targets they are judged by,
     # not which of them notebook 03 runs by default)
-    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval")},
+    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")},
                     dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")
@@ -61,7 +61,7 @@ def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], l
 
     # the teacher is the original model whatever the student is called: one cache for every variant
     key = cache_key(f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:original", texts, layers, bundle.n_post,
-                    *(["per-position"] if per_position else []))
+                    "with-prompt-pooling", *(["per-position"] if per_position else []))
     return cached_value(run_cache(cfg, "teacher") / f"{key}.pt",
                         lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"], per_position))
 
@@ -120,12 +120,17 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     teacher = cached_teacher(cfg, bundle, [p.text for p in harm + ok], layers, variant.moment_sites == "positions")
     peft_model = _trainable(cfg, bundle)
     evaluate = evaluate_factory(bundle) if evaluate_factory else None
+    from .bench import forward_flops_per_token, matmul_peak_gflops
+
+    peak = matmul_peak_gflops(bundle.dtype, n=1024)  # this process's peak, beside the steps it times
     state: TrainState = train(bundle, variant, dc["train"], [p.text for p in harm], [p.text for p in ok], teacher,
                               layers, out / "ckpt.pt", evaluate=evaluate, stop_at=until, log=log)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
               "padded_tokens": state.padded_tokens,
               "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals,
-              "milestones": {budget_label(cfg, m): m for m in milestone_steps(dc["train"]) if m <= state.step}}
+              "milestones": {budget_label(cfg, m): m for m in milestone_steps(dc["train"]) if m <= state.step},
+              # a LoRA step costs ~4 x parameters a token (forward, backward into the activations); full: ~6 x
+              "peak_gflops": round(peak, 2), "flops_per_token": (2 if peft_model is not None else 3) * forward_flops_per_token(bundle.model)}
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(record_path)
@@ -232,4 +237,91 @@ def target_checks(base: dict[str, Any], res: dict[str, Any], t: dict[str, float]
     k1 = rate(res.get("attack_k1") or {}, "refusal_rate_harmful")
     out["k1_attack_resisted"] = {"model": d_h, "under_k1": k1, "ratio": (round(k1 / d_h, 4) if k1 is not None and d_h else None),
                                  "met": k1 is not None and d_h is not None and d_h > 0 and k1 >= t["k1_fraction"] * d_h}
+    return out
+
+
+def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, Any]:
+    """The cheap attack screen of every budget checkpoint (``[defense.screen]``), each basis from the
+    checkpoint's own activations on the attackers' prompts, each K applied as a weight edit, each rate a
+    generated, marker-judged harmful refusal rate on the sweep's test prompts:
+    the re-selected K=1 attack (notebook 01's procedure), the first rounds of the paper's iterated
+    attacker, and dim-svd at a few K. The lowest K among them whose rate is below the sweep's threshold
+    is the screen's K_break (None: none broke within the screen)."""
+    import math
+
+    from . import sweep_run as S
+    from .pipeline import reselected_k1
+
+    sc = cfg["defense"]["screen"]
+    thr = cfg["sweep"]["threshold"]
+    prompts = S.sweep_test_set(cfg)
+    out: dict[str, Any] = {"k1_reselected": reselected_k1(cfg, bundle, sets)}
+    ctx = S.attack_context(cfg, bundle)
+    it = S.iterated_basis(ctx, sc["iterated_rounds"])
+    out["iterated"] = {}
+    for k in range(1, it.basis.shape[1] + 1):
+        r = S.evaluate_k(cfg, bundle, it.basis[:, :k], prompts, math.inf)
+        out["iterated"][str(k)] = {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
+    basis = S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"]
+    out["dim-svd"] = {}
+    for k in sc["dim_svd_ks"]:
+        if k <= basis.shape[1]:
+            r = S.evaluate_k(cfg, bundle, basis[:, :k], prompts, math.inf)
+            out["dim-svd"][str(k)] = {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
+    broke = [int(k) for name in ("iterated", "dim-svd") for k, r in out[name].items() if r["refusal_rate_harmful"]["rate"] < thr]
+    k1 = out["k1_reselected"]["refusal_rate_harmful"]
+    k1_rate = k1.get("rate") if "rate" in k1 else (k1.get("all") or {}).get("rate")
+    if k1_rate is not None and k1_rate < thr:
+        broke.append(1)
+    out["k_break"] = min(broke) if broke else None
+    out["k_screened"] = sorted({1, *map(int, out["iterated"]), *map(int, out["dim-svd"])})
+    return out
+
+
+def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: dict[str, Any] | None) -> dict[str, Any]:
+    """summary.json's ``budget.<variant>.<Nx>``: prompt passes, the utility rates and the screen."""
+    keep = ("refusal_rate_harmful", "refusal_rate_harmless", "overrefusal_rate", "kl_harmless", "ce_harmless")
+    return {"step": step, "prompt_passes": prompt_passes(cfg, step), **{k: res.get(k) for k in keep},
+            "screen": screen}
+
+
+def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
+    """summary.json's ``moments.<variant>``, from the training record: the matched term's value at the
+    start and end of training (means of the first and last ``n`` logged steps), its noise floor (the
+    spread of the same term on two halves of the harmless class over training), and the moment
+    diagnostics on fixed prompts before training and at the last milestone (top eigenvalue of the excess
+    second moment, total variance). None for variants without a moment term."""
+    import statistics
+
+    v = record["variant"]
+    key = "cov" if v.get("lambda_cov") else "mean" if v.get("lambda_mean") else None
+    diags = [e for e in record["evals"] if "moments" in e]
+    out: dict[str, Any] = {}
+    if key is not None:
+        h = [x for x in record["history"] if key in x]
+        n = max(1, min(5, len(h) // 4))
+        nulls = [x[f"{key}_null"] for x in record["history"] if f"{key}_null" in x]
+        out.update({"term": key, "start": round(statistics.fmean(x[key] for x in h[:n]), 6),
+                    "end": round(statistics.fmean(x[key] for x in h[-n:]), 6),
+                    "noise_floor": round(statistics.pstdev(nulls), 6) if len(nulls) > 1 else None,
+                    "null_mean": round(statistics.fmean(nulls), 6) if nulls else None, "n_logged": len(h)})
+    if diags:
+        first, last = diags[0]["moments"], diags[-1]["moments"]
+        out.update({"top_eig_before": first["top_eig"], "top_eig_after": last["top_eig"],
+                    "total_var_before": first["total_var"], "total_var_after": last["total_var"],
+                    "diag_steps": [diags[0]["step"], diags[-1]["step"]], "sites": first["sites"]})
+        if key is not None:
+            out.update({"diag_before": first[key], "diag_after": last[key], "diag_null_before": first[f"{key}_null"],
+                        "diag_null_after": last[f"{key}_null"]})
+    return out or None
+
+
+def training_entry(record: dict[str, Any], peak_gflops: float | None, flops_per_token: float | None) -> dict[str, Any]:
+    """summary.json's ``training.<variant>``: step time, non-padding tokens/s and their share of the peak."""
+    tps = record["tokens_per_s"]
+    out = {"steps": record["steps"], "seconds": record["seconds"], "tokens_per_s": tps,
+           "padding_share": round(1 - record["tokens"] / max(record.get("padded_tokens") or record["tokens"], 1), 4)}
+    if peak_gflops and flops_per_token:
+        out["fraction_of_peak"] = round(tps * flops_per_token / 1e9 / peak_gflops, 4)
+        out["peak_gflops"] = round(peak_gflops, 2)
     return out

@@ -250,3 +250,62 @@ def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: fl
     fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def term_vs_floor(records: dict[str, dict[str, Any]]) -> plt.Figure:
+    """Each moment variant's matched term per step beside its noise floor (the same term on two halves of
+    the harmless class), one panel per variant: a term that falls into the band of its floor has matched
+    the classes as far as its estimate can tell."""
+    rows = [(n, r, "cov" if r["variant"].get("lambda_cov") else "mean") for n, r in records.items()
+            if r["variant"].get("lambda_cov") or r["variant"].get("lambda_mean")]
+    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(4.2 * max(1, len(rows)), 3.0), squeeze=False)
+    for ax, (name, r, key) in zip(axes.flat, rows):
+        h = [x for x in r["history"] if key in x]
+        ax.plot([x["step"] for x in h], [x[key] for x in h], label=f"L_{key} (harmful vs harmless)")
+        hn = [x for x in h if f"{key}_null" in x]
+        ax.plot([x["step"] for x in hn], [x[f"{key}_null"] for x in hn], color="0.55", lw=0.8,
+                label="same term, two halves of harmless (noise floor)")
+        ax.axhline(0, color="0.3", lw=0.6)
+        ax.set_title(f"{name}: L_{key}")
+        ax.set_xlabel("step")
+    if not rows:
+        axes.flat[0].axis("off")
+    else:
+        axes.flat[0].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: float,
+                     paper_k: dict[str, float]) -> plt.Figure:
+    """Per variant, the attack screen's generated harmful refusal rate against prompt passes: the
+    re-selected K=1 attack, each iterated round and each dim-svd K (left), and the screen's K_break with
+    the paper's K values as reference lines (right)."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    names = sorted(budget)
+    for i, name in enumerate(names):
+        pts = sorted(budget[name].values(), key=lambda e: e["prompt_passes"])
+        xs = [e["prompt_passes"] for e in pts]
+        ys = [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else np.nan for e in pts]
+        ax.plot(xs, ys, marker="o", label=f"{name}: K=1 re-selected", color=f"C{i}")
+        own = [e.get("refusal_rate_harmful", {}).get("rate", np.nan) for e in pts]
+        ax.plot(xs, own, ls=":", color=f"C{i}", label=f"{name}: unattacked")
+        kb = [(e["screen"] or {}).get("k_break") for e in pts]
+        top = max((max(e["screen"]["k_screened"]) for e in pts if e.get("screen")), default=1)
+        ax2.plot(xs, [k if k is not None else top + 1 for k in kb], marker="s", color=f"C{i}", label=name)
+    ax.axhline(threshold, color="0.3", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt passes")
+    ax.set_ylabel("harmful refusal (generated)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    for label, k in paper_k.items():
+        ax2.axhline(k, color="0.5", ls=":", lw=0.8)
+        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=7, color="0.35", va="bottom")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log", base=2)
+    ax2.set_xlabel("prompt passes")
+    ax2.set_ylabel("screen K_break (top: none broke)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -10,18 +10,44 @@
 #
 # * $\mathcal L_{\text{lm}}$: next-token cross-entropy over the prompt tokens (keeps the prompt distribution in place);
 # * KD at the last prompt position, where refuse-or-comply is decided; the teacher is the original model
-#   (with LoRA: the same weights with adapters off), its logits computed once and cached;
-# * $\mathcal L_{cov} = \frac{1}{|\mathcal L|}\sum_\ell \|\Sigma^\ell_{\text{harmful}} - \Sigma^\ell_{\text{harmless}}\|_F^2 / d^2$
-#   and $\mathcal L_{mean} = \frac{1}{|\mathcal L|}\sum_\ell \|\mu^\ell_{\text{harmful}} - \mu^\ell_{\text{harmless}}\|^2/d$ on
-#   pooled representations (mean over the post-instruction positions, the positions the attacker reads) at
-#   every decoder layer, each dimension standardised by the teacher's pooled mean and standard deviation so
-#   that neither Qwen's few huge-magnitude dimensions nor one layer dominates.
+#   (with LoRA: the same weights with adapters off), its logits computed once and cached.
 #
-# The paper's micro-batch of 2 makes a class covariance identically zero; ours uses at least 16 prompts of
-# each class per step (tests check the term is non-zero with a gradient). Two controls get the same budget:
-# **kl_only** ($\mathcal L_{\text{lm}}$ + KD: what the paper's code trains when its covariance term is inactive) and
-# **ablation_aware** (KD also under a random rank-$k \le k_{max}$ ablation of the current top singular
-# directions of all per-layer difference-in-means vectors, refreshed every few steps, on both classes).
+# **The moment terms, as they now stand.** An earlier version standardised the pooled vectors by the
+# teacher's *fixed* statistics and used plug-in class covariances from 16 prompts a class. Both choices let
+# the optimiser win without matching anything: scaling every vector by $c$ scales that term by $c^4$, so it
+# fell 600-fold while the activations shrank and the probes did not move; and its value for two samples of
+# one distribution was a positive floor of about $2/(n-1)$. The terms are now
+#
+# * **scale-free**: per site (a layer, or a layer and position), the class gap is divided by the student's
+#   *own current* spread, $\mathcal L_{mean} = \|\mu_h-\mu_o\|^2 / (\operatorname{tr}\Sigma_h+\operatorname{tr}\Sigma_o)$ and
+#   $\mathcal L_{cov} = \|\Sigma_h-\Sigma_o\|_F^2 / \big(\tfrac12(\operatorname{tr}\Sigma_h+\operatorname{tr}\Sigma_o)\big)^2$, so a
+#   common rescaling of the representations changes nothing (the teacher's per-dimension standardisation
+#   stays, only to set units: without it Qwen's few huge dimensions would be the whole trace);
+# * **unbiased**: every second-order quantity is a U-statistic over *distinct* prompts (the diagonal Gram
+#   terms, which carry each prompt's own variance, are dropped; covariances use differences of prompt pairs,
+#   so no class mean is estimated at all). Two samples of one distribution give 0 on average;
+# * **estimated from enough prompts**: the current micro-batch (with gradients) together with a per-class
+#   memory of the last `moment_memory` pooled vectors (detached, a few steps old);
+# * **watched against their noise floor**: every step logs the same term on two halves of the harmless
+#   class (figure 03_2).
+#
+# The optimiser could still lower a ratio by inflating a spread shared by both classes. The moment
+# diagnostics (the total variance and the top eigenvalue of the excess second moment on fixed prompts,
+# before training and at every milestone) tell matching from shrinking or inflating.
+#
+# **Variants** (same budget, batches and adapters; `[defense.variants]`, shown below):
+# `defended` (the paper's objective: covariance term, pooled over the post-instruction positions, every
+# layer); `kl_only` (L_lm + KD: what the paper's published code trains, since its covariance term is
+# identically zero at its micro-batch of 2); `paper_mean` (the paper's mean-matching row, its K = 11: class
+# means pooled over every prompt token, every layer); `mean_matched` (ours: class means at every
+# post-instruction position of every layer the attackers scan, i.e. the difference-in-means vectors the
+# K = 1 attacker reads); `ablation_aware` (KD also under a random rank-$k \le k_{max}$ ablation of the current
+# top singular directions of all per-layer difference-in-means vectors).
+#
+# **Budget.** The base budget (1x) is the first milestone of `[defense.train]`; the budget-curve variants
+# train on to the last (8x on `cpu`: the paper profile's 141 x 128 prompt passes). The rate warms up and then
+# stays constant, so each snapshot is a model trained at one rate for that many passes. Long runs happen
+# outside the notebook (`python tools/train_variant.py --plan`, resumable); this notebook reuses them.
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
@@ -37,7 +63,7 @@ import pandas as pd
 from refusal_rank import defense_run as R
 from refusal_rank import pipeline as P
 from refusal_rank import plotting
-from refusal_rank.config import load_config
+from refusal_rank.config import load_config, results_dir
 from refusal_rank.judge import judge_report
 from refusal_rank.models import load_model
 from refusal_rank.results import timing, read_summary, update_summary
@@ -51,10 +77,10 @@ pd.DataFrame(dc["variants"]).T
 
 # %% [markdown]
 # ## 1 · Training
-# Each variant is trained once; a finished run is reused and an interrupted one resumes from its last
-# checkpoint. Every `eval_every` steps the current weights are evaluated on val: harmful refusal score,
-# first-token KL on harmless prompts, and the strongest K=1 attack on a coarse grid (difference in means
-# of the *current* weights).
+# Every variant to 1x, then the budget-curve variants milestone by milestone (the order of the background
+# queue). A finished milestone is reused and an interrupted run resumes from its last checkpoint. Every
+# `eval_every` steps and at every milestone the current weights are evaluated on val: harmful refusal score,
+# first-token KL on harmless prompts, the strongest K=1 attack on a coarse grid, and the moment diagnostics.
 
 # %%
 base = load_model(cfg)
@@ -63,30 +89,40 @@ base_lp_val = P.logprobs_cached(cfg, base, tv.harmless_val, desc="base harmless 
 factory = R.periodic_eval(cfg, tv, base_lp_val)
 del base
 records = {}
-for name in variants:
-    records[name] = R.train_variant(cfg, name, evaluate_factory=factory)
-    r = records[name]
-    print(f"{name}: {r['steps']} steps, {r['seconds'] / 60:.1f} min, {r['tokens_per_s']:.0f} tokens/s")
+for name, until in R.train_plan(cfg, variants):
+    records[name] = R.train_variant(cfg, name, evaluate_factory=factory, until=until)
+for name, r in records.items():
+    print(f"{name}: {r['steps']} steps, {r['seconds'] / 60:.1f} min, {r['tokens_per_s']:.1f} tokens/s")
 
 # %%
 fig = plotting.training_curves(records)
 plotting.save(fig, cfg, "03_1_training_curves")
 
 # %% [markdown]
-# Every periodic evaluation, per variant: `val_refusal_score` is the mean harmful-val refusal score of the
-# current weights (positive: refusing), `val_kl_harmless` the first-token KL to the original on harmless val,
-# and `k1_best_ablated_score` the lowest harmful-val refusal score that one difference-in-means direction of
-# the current weights reaches when ablated (a coarse grid: every 4th layer, the last two positions). A
-# negative value there means a single direction still removes refusal.
+# ### Each moment term against its noise floor
+# The grey line is the same term computed on two halves of the harmless class: what the estimate reads
+# when there is no class difference at all (from half as many prompts, so an upper bound on the floor).
 
 # %%
-pd.concat({n: pd.DataFrame(r["evals"]).set_index("step") for n, r in records.items() if r["evals"]})
+fig = plotting.term_vs_floor(records)
+plotting.save(fig, cfg, "03_2_terms_vs_floor")
+
+# %%
+moments = {n: R.moments_entry(r) for n, r in records.items()}
+pd.DataFrame({n: m for n, m in moments.items() if m}).T
 
 # %% [markdown]
-# ## 2 · Before and after
-# Each trained model on the test sets, against the original: refusal rates (harmful, harmless, over-refusal),
-# first-token KL and CE on the original's harmless completions, and the K=1 attack **re-selected on the
-# trained weights** with notebook 01's procedure (the attacker holds these weights).
+# `top_eig` is the top eigenvalue of the excess second moment of harmful over harmless on fixed prompts
+# (standardised units), `total_var` the mean per-site variance. Matching, not shrinking, reads as a falling
+# term and top eigenvalue at a total variance that stays put (a fall of the top eigenvalue by more than 2x
+# with the total variance falling alike is shrinkage).
+
+# %% [markdown]
+# ## 2 · Every checkpoint: utility and the attack screen
+# Each variant at each milestone it reached, on the test sets against the original: refusal rates (harmful,
+# harmless, over-refusal), first-token KL and CE on the original's harmless completions; and the attack
+# screen (`[defense.screen]`) on the checkpoint's own weights: the re-selected K = 1 attack, the first rounds
+# of the paper's iterated attacker and dim-svd at a few K, each a generated harmful refusal rate.
 
 # %%
 base = load_model(cfg)
@@ -94,14 +130,41 @@ sets = P.test_sets(cfg)
 base_lp = P.logprobs_cached(cfg, base, sets.harmless, desc="base harmless")
 base_eval = P.evaluate_model(cfg, base, sets, None, None, "original")
 del base
-results, completions = {}, {}
+budget, results, completions = {}, {}, {}
 for name in variants:
-    model = R.load_variant(cfg, name)
-    res = P.evaluate_model(cfg, model, sets, base_eval["completions"]["harmless"], base_lp, name)
-    res["attack_k1"] = P.reselected_k1(cfg, model, sets)
-    completions[name] = res.pop("completions")
-    results[name] = res
-    del model
+    budget[name] = {}
+    for step in R.reached_milestones(cfg, name):
+        model = R.load_variant(cfg, name, step)
+        res = P.evaluate_model(cfg, model, sets, base_eval["completions"]["harmless"], base_lp, f"{name}@{step}")
+        screen = R.attack_screen(cfg, model, sets)
+        res["attack_k1"] = screen["k1_reselected"]
+        budget[name][R.budget_label(cfg, step)] = R.budget_entry(cfg, step, res, screen)
+        if step == R.target_step(cfg, name):
+            completions[name] = res.pop("completions")
+            results[name] = res
+        del model
+rows = []
+for name, per in budget.items():
+    for label, e in per.items():
+        rate = lambda k: (e.get(k) or {}).get("rate")
+        rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"],
+                     "harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
+                     "over-refusal": rate("overrefusal_rate"), "KL": (e.get("kl_harmless") or {}).get("mean"),
+                     "CE": e.get("ce_harmless"), "K=1 re-selected": e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"],
+                     "screen K_break": e["screen"]["k_break"]})
+pd.DataFrame(rows).set_index(["variant", "budget"])
+
+# %%
+fig = plotting.screen_vs_budget(budget, cfg["sweep"]["threshold"], {"paper: instruct (1)": 1, "paper: L1 + KD (11)": 11,
+                                                                       "paper: L2 + KD (>= 16)": 16})
+plotting.save(fig, cfg, "03_3_screen_vs_budget")
+
+# %% [markdown]
+# ### Before and after, at each variant's final checkpoint
+# The same measurements at the checkpoint notebook 04 attacks (the last milestone for the budget curve,
+# 1x for the others), beside the original.
+
+# %%
 summary = read_summary(cfg["profile"])
 table = plotting.before_after_table({**summary.get("base", {}), "attack_k1": summary.get("attack_k1")}, results)
 table
@@ -114,13 +177,13 @@ table
 # are in the table above.
 
 # %%
-for name in variants:
+for name in results:
     results[name]["targets"] = R.target_checks(summary.get("base", {}), results[name], dc["targets"])
-checks = pd.DataFrame({n: {k: ("met" if v["met"] else "missed") for k, v in results[n]["targets"].items()} for n in variants})
+checks = pd.DataFrame({n: {k: ("met" if v["met"] else "missed") for k, v in results[n]["targets"].items()} for n in results})
 checks
 
 # %%
-for name in variants:
+for name in results:
     missed = [k for k, v in results[name]["targets"].items() if not v["met"]]
     k1 = results[name]["targets"]["k1_attack_resisted"]
     print(f"{name}: {len(missed)} target(s) missed {missed}; harmful refusal {k1['model']} -> {k1['under_k1']} under the "
@@ -128,24 +191,14 @@ for name in variants:
           f"position {results[name]['attack_k1']['direction']['position']})")
 
 # %% [markdown]
-# ### What was tried, and what the table says
-# The variants trained here share one budget (`[defense.train]`: the same steps, batches and adapters) and
-# differ only in their terms (`[defense.variants]`, shown at the top):
-#
-# * `defended`, the paper's objective: covariance matching ($\lambda_{cov}=100$ on standardised, pooled
-#   representations of every decoder layer) + KD + prompt LM;
-# * `kl_only`, the control for the paper's inactive covariance term: KD + prompt LM;
-# * `ablation_aware`, the control that trains against the attack itself: KD also under a random rank-$k$
-#   ablation ($k \le k_{max}$) of the current top singular directions of every difference-in-means vector
-#   below 80% depth and at every post-instruction position, refreshed every few steps;
-# * `mean_matched` (ours, named): the class means matched at every post-instruction position of every layer
-#   the attackers scan, i.e. the difference-in-means vectors the K = 1 attacker reads, with KD keeping
-#   refusal in place.
-#
-# Covariance matching constrains second moments *about each class's own mean*, so on its own it leaves the
-# difference in means, the attacker's direction, free; the periodic evaluations above show whether one
-# direction still removes refusal as training goes on. The targets table says which variants keep utility and
-# which resist the re-selected K = 1 attack; notebook 04 then attacks every model with six estimators.
+# ### What was tried
+# Everything here shares one budget and one set of batches and differs only in its terms. Before the
+# moment terms were made scale-free and unbiased, `defended` at 1x was `kl_only` plus a shrinkage of the
+# activations: its covariance term fell from its noise floor (0.13) to 2e-4 while the top eigenvalue of the
+# excess second moment fell 17-180x and no probe moved, and every variant broke at K = 1. The tables above
+# say whether matching the classes *for real* (terms at their floor, top eigenvalue falling at a steady
+# total variance), pooling as the paper does, or more budget changes that; notebook 04 attacks the final
+# checkpoints with every estimator.
 
 # %% [markdown]
 # ## 3 · The marker judge against hand labels
@@ -158,11 +211,18 @@ judge = judge_report()
 judge
 
 # %%
+# per-step histories (every loss term and its noise floor) beside the summary, so that figures 03_1 and
+# 03_2 can be redrawn from results/ alone
+(results_dir(cfg["profile"]) / "training_history.json").write_text(
+    json.dumps({n: {"variant": r["variant"], "history": r["history"]} for n, r in records.items()}) + "\n")
 update_summary(cfg,
                defended=results.get("defended", {}),
-               controls={n: results[n] for n in variants if n in ("kl_only", "ablation_aware")},
-               named_variants={n: results[n] for n in variants if n not in ("defended", "kl_only", "ablation_aware")},
-               training={n: {k: r[k] for k in ("steps", "seconds", "tokens", "tokens_per_s", "evals")} for n, r in records.items()},
+               controls={n: results[n] for n in results if n in ("kl_only", "ablation_aware")},
+               named_variants={n: results[n] for n in results if n not in ("defended", "kl_only", "ablation_aware")},
+               training={n: {**R.training_entry(r, r.get("peak_gflops"), r.get("flops_per_token")), "evals": r["evals"]}
+                         for n, r in records.items()},
+               budget=budget,
+               moments={n: m for n, m in moments.items() if m},
                judge=judge,
                **timing("03_defense", t0))
 print(f"03 done in {time.perf_counter() - t0:.0f} s")
