@@ -76,7 +76,10 @@ def main() -> None:
     peak = max(peak0, peak1)
     for r in (before, after):
         r["fraction_of_peak"] = round(r["gflops"] / peak, 4)
-    out = {"dtype": cfg["model"]["dtype"], "peak_gflops": round(peak, 2), "peak_start_end": [round(peak0, 2), round(peak1, 2)],
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
+    machine = {"cpu": next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), "unknown"),
+               "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+    out = {"machine": machine, "dtype": cfg["model"]["dtype"], "peak_gflops": round(peak, 2), "peak_start_end": [round(peak0, 2), round(peak1, 2)],
            "per_class": a.per_class, "before": before, "after": after,
            "step_speedup": round(before["seconds_per_step"] / after["seconds_per_step"], 3),
            "created": time.strftime("%Y-%m-%d %H:%M")}
