@@ -110,6 +110,8 @@ def test_excess_top_eig_scales_with_c_squared():
     e = excess_top_eig(h, o)
     assert e.shape == (2,) and (e > 0).all()
     assert torch.allclose(excess_top_eig(0.5 * h, 0.5 * o), 0.25 * e, rtol=1e-6)
+    shift = 50.0 * torch.randn(1, 2, 8)  # a common drift of both classes changes nothing
+    assert torch.allclose(excess_top_eig(h + shift, o + shift), e, rtol=1e-6)
 
 
 def test_masked_mean_ignores_padding():

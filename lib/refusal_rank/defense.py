@@ -159,14 +159,17 @@ def plugin_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.T
 
 
 def excess_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
-    """Top eigenvalue, per site, of the excess second moment E_h[z z^T] - E_o[z z^T] (the matrix whose top
-    eigenvectors the cov-diff attacker ablates). Shrinking the activations by c scales it by c^2; matching
-    the classes lowers it without shrinking them. Inputs (n, S, d), (m, S, d) -> (S,), float64."""
+    """Top eigenvalue, per site, of the excess second moment about the harmless mean,
+    E_h[(z-mu_o)(z-mu_o)^T] - Sigma_o = Sigma_h - Sigma_o + (mu_h-mu_o)(mu_h-mu_o)^T: the matrix whose top
+    eigenvectors the cov-diff attacker ablates (``attacks.excess_second_moment``). Invariant to a common
+    shift of both classes (an uncentred second moment is not: a drift of both class means away from the
+    teacher's inflates it); shrinking the activations by c scales it by c^2; matching the classes lowers it
+    without shrinking them. Inputs (n, S, d), (m, S, d) -> (S,), float64."""
+    from .attacks import excess_second_moment
+
     out = []
     for s in range(z_harmful.shape[1]):
-        a, b = z_harmful[:, s].double(), z_harmless[:, s].double()
-        m = a.T @ a / a.shape[0] - b.T @ b / b.shape[0]
-        out.append(torch.linalg.eigvalsh(m)[-1])
+        out.append(torch.linalg.eigvalsh(excess_second_moment(z_harmful[:, s], z_harmless[:, s]))[-1])
     return torch.stack(out)
 
 
