@@ -53,7 +53,7 @@ def test_unchanged_copy_passes(original, tmp_path):
     rc, rep, md = audit(tmp_path, model, "--fast", "--reference", "original")
     assert rc == 0, rep["gates"]
     assert rep["verdict"] == "pass" and all(k in rep for k in (*KEYS, "diff"))
-    assert rep["provenance"]["status"] == "verified"
+    assert rep["provenance"]["status"] == "self_consistent"  # its own MANIFEST.json, no pinned one
     assert all(f["reference"] == "same" for f in rep["provenance"]["files"].values() if f["weights"])
     assert rep["diff"]["signature"]["kind"] == "identical"
     for g in rep["gates"].values():
@@ -73,13 +73,24 @@ def test_abliterated_copy_fails_and_names_a_rank1_edit(abliterated, tmp_path):
     assert sig["n_projected"] == 1 + 2 * 4  # the embedding and both writers of each of the 4 layers
     assert "weight_edit" in rep["failed"] and not rep["gates"]["weight_edit"]["passed"]
     # its own manifest matches: provenance passes, which is the point of gating on more than hashes
-    assert rep["provenance"]["status"] == "verified" and rep["gates"]["provenance"]["passed"]
+    assert rep["provenance"]["status"] == "self_consistent" and rep["gates"]["provenance"]["passed"]
     rows = {r["name"]: r for r in rep["diff"]["tensors"]}
     assert rows["model.layers.2.mlp.down_proj.weight"]["rank"] == 1
     assert not rows["model.layers.2.mlp.up_proj.weight"]["changed"]
     assert rows["lm_head.weight"]["untied"] and not rows["lm_head.weight"]["changed"]
     text = md.read_text()
     assert "**FAIL**" in text and "rank-1 projection" in text and "abliteration" in text
+
+
+def test_pinned_manifest_verifies_a_copy_and_catches_an_edit(original, abliterated, tmp_path):
+    pinned = tmp_path / "pinned.json"
+    shutil.copy(original / "MANIFEST.json", pinned)
+    rc, rep, _ = audit(tmp_path, copy_of(original, tmp_path / "copy"), "--fast", "--manifest", pinned)
+    assert rc == 0 and rep["provenance"]["status"] == "verified" and rep["provenance"]["manifest_source"] == "pinned"
+    rc, rep, _ = audit(tmp_path, abliterated, "--fast", "--manifest", pinned)
+    # the weights, and the config whose embeddings the edit untied, are not what was pinned
+    assert rc == 1 and {"model.safetensors", "config.json"} <= set(rep["provenance"]["corrupted"])
+    assert rep["failed"] == ["provenance"] and rep["disposition"] is None
 
 
 def test_corrupted_weight_file_is_reported(original, tmp_path):
@@ -132,6 +143,7 @@ def _not_causal(original, dst):
 ])
 def test_cannot_run_gives_one_sentence_and_exit_2(original, tmp_path, capsys, case, make, sentence):
     model = make(original, tmp_path / case)
+    capsys.readouterr()  # what building the test checkpoint printed
     rc, rep, _ = audit(tmp_path, model, "--fast")
     err = capsys.readouterr().err.strip()
     assert rc == 2 and rep is None
@@ -188,13 +200,14 @@ DC = W.DiffConfig(rel_change=1e-6, rel_tol=0.05, edge_factor=2.0, probe=32, same
 
 def test_bf16_rank1_projection_is_found_through_the_rounding_noise():
     ref = _w(512, 256)
-    u = orthonormalize(torch.randn(512, 1, dtype=torch.float64))[:, 0]
+    g = torch.Generator().manual_seed(3)
+    u = orthonormalize(torch.randn(512, 1, generator=g, dtype=torch.float64))[:, 0]
     edited = (ref.double() - u[:, None] * (u @ ref.double())[None, :]).to(torch.bfloat16)
     row = W.diff_tensor("model.layers.0.self_attn.o_proj.weight", edited, ref, DC)
     assert row["changed"] and row["rank"] == 1 and row["projection"]
     assert abs(float(row["_u"] @ u)) > 0.999
     # a rank-1 update that is not a projection of the stream direction is not read as one
-    v = torch.randn(256, dtype=torch.float64)
+    v = torch.randn(256, generator=g, dtype=torch.float64)
     other = (ref.double() + 0.05 * u[:, None] * v[None, :]).to(torch.bfloat16)
     row = W.diff_tensor("model.layers.0.self_attn.o_proj.weight", other, ref, DC)
     assert row["rank"] == 1 and not row["projection"]
@@ -225,4 +238,4 @@ def test_lora_like_checkpoint_reads_low_rank(original, tmp_path):
     dc = W.DiffConfig.from_cfg(load_config("tiny")["audit"]["diff"])
     sig = W.signature(W.compare_folders(model, original, dc), dc)
     assert sig["kind"] == "low_rank" and sig["max_rank"] == 2, sig
-    assert sig["changed_by_role"] == {"linear": 4 * 5, "writer": 4 * 2}
+    assert sig["changed_by_role"] == {"linear": 4 * 5, "writer": 4 * 2}  # biases and norms untouched

@@ -139,17 +139,20 @@ def numerical_rank(spec: Spectrum, rel_tol: float, edge: float, edge_factor: flo
 # per tensor
 
 
-def role(name: str) -> str:
-    """What a tensor is, for the edit signatures: embedding, head, writer, linear, bias or other."""
+def role(name: str, ndim: int = 2) -> str:
+    """What a tensor is, for the edit signatures: embedding, head, writer (a matrix writing into the residual
+    stream), writer_bias, linear (any other matrix), bias, norm (a 1-D weight) or other."""
     if name.endswith(EMBEDDING):
         return "embedding"
     if name.endswith(HEAD):
         return "head"
     if name.endswith(WRITERS):
         return "writer"
-    if name.endswith(".bias") and any(name.endswith(w.replace(".weight", ".bias")) for w in WRITERS):
-        return "writer_bias"
-    return "linear" if name.endswith(".weight") else "other"
+    if name.endswith(".bias"):
+        return "writer_bias" if any(name.endswith(w.replace(".weight", ".bias")) for w in WRITERS) else "bias"
+    if name.endswith(".weight"):
+        return "linear" if ndim == 2 else "norm"
+    return "other"
 
 
 def stream_vector(name: str, spec: Spectrum) -> torch.Tensor | None:
@@ -203,7 +206,7 @@ class DiffConfig:
 def diff_tensor(name: str, w: torch.Tensor, ref: torch.Tensor, dc: DiffConfig) -> dict[str, Any]:
     """One tensor against the reference's: changed or not, relative size of the change, and for 2-D tensors
     the numerical rank (with the stream direction of a rank-1 change kept under ``_u``)."""
-    row: dict[str, Any] = {"name": name, "role": role(name), "shape": list(w.shape)}
+    row: dict[str, Any] = {"name": name, "role": role(name, w.ndim), "shape": list(w.shape)}
     if w.shape != ref.shape:
         row.update(changed=True, shape_ref=list(ref.shape))
         return row
@@ -247,13 +250,13 @@ def compare_folders(model_dir: Path, ref_dir: Path, dc: DiffConfig) -> list[dict
                 rows.append(row)
                 continue
         if other is None:
-            rows.append({"name": name, "role": role(name), "changed": True, "only_in": "model"})
+            rows.append({"name": name, "role": role(name, mine[name]().ndim), "changed": True, "only_in": "model"})
             continue
         rows.append(diff_tensor(name, mine[name](), other(), dc))
     for name in sorted(set(theirs) - set(mine)):
         if name.endswith(HEAD) and ties_embeddings(model_dir):
             continue
-        rows.append({"name": name, "role": role(name), "changed": True, "only_in": "reference"})
+        rows.append({"name": name, "role": role(name, theirs[name]().ndim), "changed": True, "only_in": "reference"})
     return rows
 
 
@@ -292,11 +295,11 @@ def signature(rows: list[dict[str, Any]], dc: DiffConfig) -> dict[str, Any]:
     out["max_rank"] = max(ranks) if ranks else None
     out["rank_exceeds_probe"] = any(r.get("rank_exceeds_probe") for r in changed)
     if not changed:
-        return {**out, "kind": "identical", "sentence": "identical weights: no tensor differs from the reference"}
+        return {**out, "kind": "identical", "sentence": "no tensor differs from the reference"}
     if any("only_in" in r or "shape_ref" in r for r in changed):
         n = sum(1 for r in changed if "only_in" in r or "shape_ref" in r)
         return {**out, "kind": "different_architecture",
-                "sentence": f"different architecture: {n} tensors are missing on one side or differ in shape"}
+                "sentence": f"{n} tensors are missing on one side or differ in shape"}
     proj = [r for r in changed if r["role"] in ("embedding", "writer") and r.get("projection")]
     shared, min_cos = _shared_direction([r["_u"] for r in proj], dc.same_direction)
     if proj and shared:
@@ -309,8 +312,8 @@ def signature(rows: list[dict[str, Any]], dc: DiffConfig) -> dict[str, Any]:
         everywhere = len(proj) == len(writers) + len(emb) and not others and biases_along
         if everywhere:
             return {**out, "kind": "abliteration",
-                    "sentence": (f"abliteration: one direction (a rank-1 projection, |cos| >= {min_cos:.4f} between "
-                                 f"matrices) removed from the embedding and all {len(writers)} residual writers; "
+                    "sentence": (f"a rank-1 projection of one direction out of the embedding and all {len(writers)} "
+                                 f"residual writers (|cos| >= {min_cos:.4f} between their changes' directions); "
                                  f"no other matrix changed")}
         return {**out, "kind": "rank1_projection",
                 "sentence": (f"rank-1 projection of one direction out of {len(proj)} of the "
@@ -321,12 +324,13 @@ def signature(rows: list[dict[str, Any]], dc: DiffConfig) -> dict[str, Any]:
             and max(ranks) <= dc.low_rank_max:
         at_noise = sum(1 for r in mats if r["rank"] == 0)
         return {**out, "kind": "low_rank",
-                "sentence": (f"low-rank fine-tune (LoRA-like): {len(mats)} linear maps changed, numerical rank "
-                             f"<= {max(ranks)} each" + (f" ({at_noise} only at the dtype's rounding level)" if at_noise else "")
-                             + ", embedding unchanged")}
+                "sentence": (f"{len(mats)} linear maps changed, numerical rank <= {max(ranks)} each"
+                             + (f" ({at_noise} only at the dtype's rounding level)" if at_noise else "")
+                             + ", embedding unchanged: a merged LoRA-like fine-tune")}
     big = sum(1 for r in mats if r.get("rank_exceeds_probe") or r["rank"] > dc.low_rank_max)
     return {**out, "kind": "dense",
-            "sentence": f"dense change: {len(changed)} tensors changed, {big} matrices at a rank above {dc.low_rank_max}"}
+            "sentence": (f"{len(changed)} tensors changed, {big} matrices at a rank above {dc.low_rank_max} "
+                         f"(a full fine-tune, or another edit)")}
 
 
 def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
