@@ -589,7 +589,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "provenance": provenance(ck.path, hashes, manifest, ref_hashes),
         "disposition": None, "fragility": None,
     }
-    t = lap("provenance", t)
+    t = lap("checks_and_provenance", t)
     if report["provenance"]["status"] == "corrupted":
         report["stopped"] = f"file(s) {', '.join(report['provenance']['corrupted'])} corrupted"
     else:
