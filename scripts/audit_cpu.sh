@@ -3,8 +3,9 @@
 #   original          the profile's original model, --fast: must pass
 #   original_full     the same, full audit (rank-K screen, the profile's test sets): with --full only
 #   k1_export         notebook 02's K=1 export against the original, --fast: must fail, with the abliteration signature
-#   <variant>         each trained notebook-03 variant against the original, --fast: whatever it reads
-# Needs notebooks 01-03 to have run on the profile (the K=1 export and the variants live in its run cache).
+#   <variant>         each trained notebook-03 variant (at its target milestone: [defense] run and budget_curve)
+#                     against the original, --fast: whatever it reads; each is exported for its audit and removed after
+# Needs notebooks 01-03 to have run on the profile (the K=1 export and the variants' snapshots live in its run cache).
 # Usage: scripts/audit_cpu.sh [--full] [--profile NAME]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,11 @@ PY
 VARIANTS=$("$PY" - "$PROFILE" <<'PY'
 import sys
 from refusal_rank.config import load_config
-from refusal_rank.defense_run import variant_dir
-from refusal_rank.models import verify_manifest
+from refusal_rank.defense_run import default_variants, target_step, variant_dir
+from refusal_rank.training import snapshot_path
 cfg = load_config(sys.argv[1])
-print(" ".join(v for v in cfg["defense"]["variants"] if verify_manifest(variant_dir(cfg, v) / "merged")))
+names = list(dict.fromkeys(default_variants(cfg) + list(cfg["defense"].get("budget_curve") or [])))
+print(" ".join(v for v in names if snapshot_path(variant_dir(cfg, v) / "ckpt.pt", target_step(cfg, v)).is_file()))
 PY
 )
 for v in $VARIANTS; do

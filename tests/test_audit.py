@@ -156,6 +156,19 @@ def test_module_entry_point_exits_2_with_one_sentence(tmp_path):
     assert r.returncode == 2 and "no such folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_trained_variant_reads_as_a_lora_fine_tune(tiny_cfg, tmp_path):
+    """A notebook-03 variant (LoRA on every linear map, merged) is exported for its audit and removed after."""
+    from refusal_rank import defense_run as R
+
+    R.train_variant(tiny_cfg, "kl_only", until=1, log=lambda *_: None)
+    rc, rep, md = audit(tmp_path, "kl_only@1", "--fast", "--reference", "original")
+    assert rc == 0, rep["failed"]
+    sig = rep["diff"]["signature"]
+    assert sig["kind"] == "low_rank" and 1 <= sig["max_rank"] <= tiny_cfg["defense"]["lora"]["r"], sig
+    assert sig["changed_by_role"].get("embedding", 0) == 0 and "LoRA" in md.read_text()
+    assert "exported for the audit" in rep["model"]["origin"] and not Path(rep["model"]["path"]).exists()
+
+
 def test_full_audit_runs_the_rank_k_screen(original, tmp_path):
     rc, rep, md = audit(tmp_path, "original")
     assert rc == 0 and not rep["fast"] and rep["reference"] is None and "diff" not in rep
@@ -178,7 +191,7 @@ def test_every_profile_has_the_audit_knobs():
 
     needed = {"min_harmful_refusal", "max_harmless_refusal", "max_overrefusal", "max_harmful_drop", "max_benign_rise",
               "min_refusal_under_rank1", "enforce_fragility", "require_pinned", "failing_signatures", "n_ce_harmless",
-              "run_screen", "screen", "diff", "fast"}
+              "run_screen", "keep_exports", "screen", "diff", "fast"}
     for name in available_profiles():
         a = load_config(name)["audit"]
         assert needed <= set(a), (name, needed - set(a))

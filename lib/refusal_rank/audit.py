@@ -60,6 +60,7 @@ class Checkpoint:
     path: Path
     label: str
     origin: str  # how MODEL was given: folder, hub id or a model of the profile
+    temporary: bool = False  # exported for the audit, removed after it unless [audit] keep_exports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +68,33 @@ class Checkpoint:
 
 
 def profile_models(cfg: dict[str, Any]) -> list[str]:
-    """Names a profile's own models go by: the original, notebook 02's K=1 export, notebook 03's variants."""
+    """Names a profile's own models go by: the original, notebook 02's K=1 export, notebook 03's variants
+    (``name`` at its target milestone, or ``name@step``)."""
     return [*ORIGINAL, K1_EXPORT, *cfg.get("defense", {}).get("variants", {})]
+
+
+def export_variant(cfg: dict[str, Any], spec: str) -> Checkpoint:
+    """A notebook-03 variant as the checkpoint one would ship: the original with the variant's snapshot at a
+    milestone merged in (``defense_run.load_variant``), saved once with its manifest under the cache."""
+    from .defense_run import load_variant, target_step, variant_dir
+    from .models import save_verified, verify_manifest
+
+    name, _, at = spec.partition("@")
+    try:
+        step = int(at) if at else target_step(cfg, name)
+    except ValueError:
+        raise AuditError(f"{spec}: the step after @ must be a milestone number of [defense.train].") from None
+    out = cache_root() / "audit" / cfg["profile"] / f"{variant_dir(cfg, name).name}@{step}"
+    if not (out.is_dir() and verify_manifest(out)):
+        try:
+            bundle = load_variant(cfg, name, step)
+        except (FileNotFoundError, ValueError) as e:
+            raise AuditError(str(e).rstrip(".") + ".") from None
+        save_verified(bundle.model, bundle.tokenizer, out)
+        del bundle
+        gc.collect()
+    return Checkpoint(out, spec, f"profile {cfg['profile']}: notebook 03's {name} at step {step}, exported for the audit",
+                      temporary=not cfg["audit"]["keep_exports"])
 
 
 def k1_export_dir(cfg: dict[str, Any]) -> Path:
@@ -92,14 +118,8 @@ def resolve_model(spec: str, cfg: dict[str, Any], what: str = "MODEL") -> Checkp
         if not (d / "config.json").is_file():
             raise AuditError(f"Profile {cfg['profile']} has no K=1 export at {d} yet: run notebook 02 first.")
         return Checkpoint(d, K1_EXPORT, f"profile {cfg['profile']}: notebook 02's K=1 export")
-    if spec in cfg.get("defense", {}).get("variants", {}):
-        from .defense_run import variant_dir
-
-        d = variant_dir(cfg, spec) / "merged"
-        if not (d / "config.json").is_file():
-            raise AuditError(f"Variant {spec!r} of profile {cfg['profile']} is not trained yet (no export in {d}): "
-                             f"run notebook 03 or tools/train_variant.py first.")
-        return Checkpoint(d, spec, f"profile {cfg['profile']}: notebook 03's {spec}")
+    if spec.partition("@")[0] in cfg.get("defense", {}).get("variants", {}):
+        return export_variant(cfg, spec)
     looks_like_path = spec.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(spec)
     if looks_like_path:
         raise AuditError(f"{what} {spec}: no such folder (nor a model of profile {cfg['profile']}: "
@@ -554,7 +574,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
-    """Run the audit and write the reports; returns the report."""
+    """Run the audit and write the reports; returns the report. Checkpoints exported for it (a notebook-03
+    variant) are removed afterwards unless ``[audit] keep_exports``."""
+    made: list[Checkpoint] = []
+    try:
+        return _run(args, made)
+    finally:
+        import shutil
+
+        for ck in made:
+            if ck.temporary:
+                shutil.rmtree(ck.path, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, made: list[Checkpoint]) -> dict[str, Any]:
     from .results import git_commit
 
     t_start = time.perf_counter()
@@ -569,10 +602,12 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     t = time.perf_counter()
     ck = resolve_model(args.model, cfg)
+    made.append(ck)
     info = check_checkpoint(ck)
     ref_ck = ref_info = None
     if args.reference:
         ref_ck = resolve_model(args.reference, cfg, "reference")
+        made.append(ref_ck)
         ref_info = check_checkpoint(ref_ck, "reference")
     manifest = Path(args.manifest).expanduser() if args.manifest else None
     if manifest is not None and not manifest.is_file():
