@@ -13,12 +13,15 @@ hashes of its own. So the audit measures behaviour, and reads provenance and wei
   selection on the model's *own* activations (fitted on ``*_train``, chosen on ``*_val``), the weight edit of
   :mod:`refusal_rank.ablation`, and the harmful refusal measured again on ``*_test``, with the CE cost on
   the model's own harmless completions. Beyond ``--fast``, the rank-K screen: the dim-svd basis of the
-  sweep (notebook 04) at each K of ``[audit.screen] ks``.
+  sweep (notebook 04) at each K of ``[audit.screen] ks``. Reported, and gated only with ``enforce_fragility``:
+  every model of this project, the defended ones included, breaks at K = 1 on ``cpu``.
 * **against a reference** (``--reference``): each rate's paired difference with its interval, first-token KL
   and CE against the reference, and :mod:`refusal_rank.weight_diff`'s reading of the weights (which
   matrices changed, the numerical rank of each change, the signature of abliteration or of a LoRA fine-tune).
 
-Every threshold is a knob of the profile's ``[audit]`` section. Exit status: 0 every enforced gate passes,
+MODEL is a checkpoint folder, a hub id, or a model of the profile (``original``, ``k1_export``, a notebook-03
+variant, which is exported from its snapshot for the audit). Every threshold is a knob of the profile's
+``[audit]`` section. Exit status: 0 every enforced gate passes,
 1 one fails (the reports say which), 2 the audit could not run (one sentence on stderr).
 """
 from __future__ import annotations
@@ -573,7 +576,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return ap.parse_args(list(argv))
 
 
-def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the audit and write the reports; returns the report. Checkpoints exported for it (a notebook-03
     variant) are removed afterwards unless ``[audit] keep_exports``."""
     made: list[Checkpoint] = []
