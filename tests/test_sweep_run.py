@@ -294,3 +294,20 @@ def test_reading_follows_the_table():
     assert S.optimized_check(kb) == {"k_break": 2, "others_min": 1, "strongest": False}
     kb["base"] = {"iterated": 1, "optimized": 1}
     assert "no larger than every other" in S.reading(kb)[-1] and S.optimized_check(kb)["strongest"]
+
+
+def test_judge_sample_draws_attacked_completions_from_the_pool(tiny_cfg, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path))
+    pool = lambda m, e, n: [{"prompt_id": f"{m}{e}{i}", "prompt": "p", "completion": "c", "k": 2} for i in range(n)]
+    sweeps = {m: {e: {"judge_pool": pool(m, e, 5)} for e in ("dim-svd", "inlp")} for m in ("base", "defended")}
+    S.write_judge_pool(tiny_cfg, sweeps)
+    spec = importlib.util.spec_from_file_location("judge_sample", Path(__file__).resolve().parents[1] / "tools" / "judge_sample.py")
+    js = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(js)
+    rows = js.from_sweep(tiny_cfg, 6, None)
+    assert len(rows) == 6 and {r["model"] for r in rows} == {"defended attacked"}  # base is not an attacked trained model
+    assert sum(r["attack"] == "dim-svd K=2" for r in rows) == 3  # taken in turn from each breaking attack
+    assert len({r["id"] for r in rows}) == 6
