@@ -83,8 +83,8 @@ for m in sc["models"]:
     for e in estimators:
         sweeps[m][e] = S.sweep_estimator(ctx, e, prompts, ce_ref)
         r = sweeps[m][e]
-        print(f"{m:15s} {e:13s} K_break={r['k_break']}  K scored={r['walk']['reached']}  read at 256: {r['walk']['long_reads']}"
-              f"  rejected at 256: {r['walk']['rejected']}  CE at K={r['ce_k']}: {r['ce_harmless_at_k']}")
+        print(f"{m:15s} {e:13s} K_break={r['k_break']}  K scored={r['walk']['reached']}  read at {cfg['eval']['verdict_new_tokens']} "
+              f"tokens: {r['walk']['long_reads']}  rejected there: {r['walk']['rejected']}  CE at K={r['ce_k']}: {r['ce_harmless_at_k']}")
     del bundle, ctx
 
 # %%
