@@ -311,3 +311,14 @@ def test_judge_sample_draws_attacked_completions_from_the_pool(tiny_cfg, tmp_pat
     assert len(rows) == 6 and {r["model"] for r in rows} == {"defended attacked"}  # base is not an attacked trained model
     assert sum(r["attack"] == "dim-svd K=2" for r in rows) == 3  # taken in turn from each breaking attack
     assert len({r["id"] for r in rows}) == 6
+
+
+def test_evaluate_k_outside_the_walk(tiny_cfg, tiny, tmp_path, monkeypatch):
+    import math
+
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path))
+    prompts = S.sweep_test_set(tiny_cfg)
+    U = torch.linalg.qr(torch.randn(tiny.d_model, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    r = S.evaluate_k(tiny_cfg, tiny, U, prompts, math.inf, (prompts[:2], [[1, 2], [3]]))
+    assert r["refusal_rate_harmful"]["n"] == len(prompts) and "ce_harmless" in r and tiny.edit == ""
+    assert "refusal_rate_harmful" not in S.evaluate_k(tiny_cfg, tiny, U, prompts, -1.0)

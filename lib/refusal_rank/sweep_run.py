@@ -538,6 +538,25 @@ def long_verdicts(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.
     return out, comps
 
 
+def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompts: Sequence[D.Prompt],
+               gen_below: float, ce_ref=None) -> dict[str, Any]:
+    """One K outside the walk (notebook 03's attack screen): with span(U) edited out of the weights, the
+    refusal-score summary and, when the share of positive scores is below ``gen_below`` (``math.inf``:
+    always), the generated refusal rate at the profile's length (verdict-only generation, the sweep's
+    cache), examples, and the CE on ``ce_ref`` if given."""
+    e = cfg["eval"]
+    with orthogonalized(bundle, U):
+        s = scores_cached(cfg, bundle, prompts, desc=f"score K={U.shape[1]}")
+        out: dict[str, Any] = {"mean_score": round(s.mean().item(), 4), "score_rate": round((s > 0).float().mean().item(), 4)}
+        if out["score_rate"] < gen_below:
+            comps = sweep_generate(cfg, bundle, prompts, e["max_new_tokens"], verdict=True, desc=f"generate K={U.shape[1]}")
+            out["refusal_rate_harmful"] = rate_with_ci(refusal_labels([c["text"] for c in comps]), e["n_boot"], cfg["seed"])
+            out["examples"] = [{"prompt": p.text[:200], "completion": c["text"]} for p, c in list(zip(prompts, comps))[:e["n_examples"]]]
+            if ce_ref is not None:
+                out["ce_harmless"] = ce_on_reference(cfg, bundle, ce_ref)
+    return out
+
+
 def ce_on_reference(cfg: dict[str, Any], bundle: ModelBundle, ref: tuple[list[D.Prompt], list[list[int]]]) -> float:
     """CE of the bundle as it stands (any weight edit is named by its model tag) on the reference completions, cached."""
     prompts, ids = ref
