@@ -68,3 +68,66 @@ def test_generation_cache_resumes(tiny, prompts, tmp_path):
     assert again == first
     rows = [json.loads(l) for l in f.read_text().splitlines()]  # every line is whole again
     assert len({r["i"] for r in rows}) == len(prompts)
+
+
+# ---- this project's decoding loop against plain generate
+
+
+MIXED = ["Hi", "Write a long and careful poem about the sea, the wind and the light on the water.",
+         "What is 12 times 13?", "Explain photosynthesis to a child in two sentences, please.", "Tell me a joke",
+         "List three prime numbers larger than one hundred and say why each one is prime."]
+
+
+def _ids(rows):
+    return [r["ids"] for r in rows]
+
+
+def test_fast_loop_equals_plain_generate(tiny):
+    ref = generate(tiny, MIXED, 12, batch_size=4, engine="hf")
+    for cache in ("static", "dynamic"):
+        assert _ids(generate(tiny, MIXED, 12, batch_size=4, cache=cache)) == _ids(ref), cache
+    assert _ids(generate(tiny, MIXED, 12, batch_size=6)) == _ids(generate(tiny, MIXED, 12, batch_size=6, engine="hf"))
+
+
+def test_fast_loop_drops_ended_rows_and_still_equals_generate(tiny):
+    """Make a token that some rows emit early act as EOS: those rows leave the batch mid-way, the others
+    go on with a smaller batch, and every completion is still plain generate's."""
+    from refusal_rank.activations import encode
+    from refusal_rank.generation import greedy_loop
+
+    full = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
+    early = full[0]["ids"][2]
+    gc = tiny.model.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = [early]
+    try:
+        ref = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
+        got = generate(tiny, MIXED, 12, batch_size=6)
+        stats = {}
+        greedy_loop(tiny, encode(tiny, MIXED), 12, stats=stats)
+    finally:
+        gc.eos_token_id = old
+    assert _ids(got) == _ids(ref)
+    assert any(len(r) < 12 for r in _ids(got)) and any(len(r) == 12 for r in _ids(got))
+    assert stats["steps_rows"] < len(MIXED) * 12  # ended rows were not carried
+
+
+def test_stop_on_refusal_keeps_every_verdict(tiny, monkeypatch):
+    """With a marker the random model does write, verdict-only generation stops those rows at the marker:
+    their ids are a prefix of the full completion, every verdict equals the full completion's, and
+    rows without a marker are whole."""
+    import refusal_rank.generation as G
+
+    full = generate(tiny, MIXED, 16, batch_size=6)
+    text = full[1]["text"].lower()
+    # a 3-character piece of row 1's text from its middle on (not whitespace), the judge's only marker
+    marker = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 2) if text[i:i + 3].strip() == text[i:i + 3])
+    judge = lambda t, markers=None: marker in t.lower().replace("\u2019", "'")
+    monkeypatch.setattr(G, "is_refusal", judge)
+    short = generate(tiny, MIXED, 16, batch_size=6, stop_on_refusal=True)
+    assert [judge(s["text"]) for s in short] == [judge(f["text"]) for f in full]
+    assert judge(short[1]["text"]) and len(short[1]["ids"]) < len(full[1]["ids"])
+    for s, f in zip(short, full):
+        assert f["ids"][:len(s["ids"])] == s["ids"]
+        if not judge(f["text"]):
+            assert s["ids"] == f["ids"]

@@ -2,6 +2,7 @@
 
     python tools/judge_sample.py --profile cpu --out /tmp/judge_sample.jsonl [--models original,k1_ablated]
     python tools/judge_sample.py --profile cpu --out /tmp/defended.jsonl --models defended --per 40,30,10
+    python tools/judge_sample.py --profile cpu --out /tmp/attacked.jsonl --from-sweep 40 [--models defended,kl_only]
 
 Reads the completions of notebook 02 (original and K=1-ablated) or of a trained variant of notebook 03
 from the generation cache by re-deriving their cache keys (no model is loaded: it fails clearly if the
@@ -9,6 +10,10 @@ notebook that generates them has not run),
 samples per (model, set),
 and writes rows {id, model, set, prompt_id, prompt, completion} without any judge verdict, so that the
 labeller is blind to the markers.
+
+``--from-sweep N`` instead draws N completions per attacked model (its rows are named "<model> attacked",
+with the attack beside them) from notebook 04's pool: the full 256-token completions at every K_break
+(``sweep_run.write_judge_pool``); ``--models`` then selects attacked models by name (default: all but base).
 """
 from __future__ import annotations
 
@@ -37,14 +42,51 @@ def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
     return SimpleNamespace(name=f"{model}-{variant_dir(cfg, model).name}", edit="")
 
 
+def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict]:
+    """A seeded sample of ``per_model`` rows per attacked model from notebook 04's judge pool, taken in turn
+    from each attack (estimator, K) that broke it; ``models`` None: every attacked model but base."""
+    from refusal_rank.sweep_run import judge_pool_path
+
+    path = judge_pool_path(cfg)
+    if not path.is_file() or not path.read_text().strip():
+        raise SystemExit(f"{path} is missing or empty: run notebook 04 for profile {cfg['profile']!r} first.")
+    pool = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    names = sorted({r["model"].removesuffix(" attacked") for r in pool})
+    chosen = models if models is not None else [m for m in names if m != "base"]
+    out = []
+    for m in chosen:
+        by_attack: dict[str, list[dict]] = {}
+        for r in pool:
+            if r["model"] == f"{m} attacked":
+                by_attack.setdefault(r["attack"], []).append(r)
+        queues = []
+        for k in sorted(by_attack):
+            random.Random(f"judge-sweep-{m}-{k}").shuffle(by_attack[k])
+            queues.append(by_attack[k])
+        picked: list[dict] = []
+        while len(picked) < per_model and any(queues):  # in turn, so that every breaking attack is represented
+            for q in queues:
+                if q and len(picked) < per_model:
+                    picked.append(q.pop(0))
+        out.extend(picked)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="original,k1_ablated", help="original, k1_ablated and/or trained variant names")
     ap.add_argument("--per", default=None, help="rows per set, harmful,harmless,overrefusal (default 60,40,20)")
+    ap.add_argument("--from-sweep", type=int, default=0, help="completions per attacked model from notebook 04's pool")
     a = ap.parse_args()
     cfg = load_config(a.profile)
+    if a.from_sweep:
+        rows = from_sweep(cfg, a.from_sweep, None if a.models == ap.get_default("models") else a.models.split(","))
+        with open(a.out, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} rows to {a.out}")
+        return
     per = dict(zip(PER, map(int, a.per.split(",")))) if a.per else PER
     found = load_artifact(cfg, "direction.pt", "01_directions")
     u = (found["direction"] / found["direction"].norm())[:, None]

@@ -1,6 +1,17 @@
 """Batched greedy generation, with an optional nnsight intervention, and a resumable disk cache.
 
-Weight-edited models (ablation) generate through plain ``model.generate``: the edit is in the weights.
+Weight-edited models (ablation) generate through :func:`greedy_loop`, this module's own decoding loop;
+plain ``model.generate`` stays available (``engine="hf"``) as the reference it is benchmarked and tested
+against (the same token ids on the tiny model). The loop is faster at the same batch because
+
+* the key/value cache is allocated once for the whole generation (``cache="static"``: no re-allocation
+  and copy of every layer's cache at every step, as a growing cache does);
+* a row leaves the batch as soon as it has ended (EOS) instead of being carried, padded, to the end;
+* with ``stop_on_refusal`` a row also leaves once its text contains a refusal marker: the marker judge's
+  verdict can no longer change (it is "contains any marker"), so the verdict is the same as that of the
+  full completion while the rest of that completion is not computed. Such completions are verdict-only
+  (their text ends at the marker) and are cached apart from full ones.
+
 Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
 finished batch is appended to a JSONL file keyed by everything that determines the output, so an
 interrupted run resumes at the next batch and a repeated run costs nothing.
@@ -16,7 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActAdd, Intervention, encode, length_batches
+from .metrics import REFUSAL_MARKERS, is_refusal
 from .models import ModelBundle
+
+ENGINES = ("fast", "hf")
+CACHES = ("static", "dynamic")
+# tokens decoded at the end of a row to look for a marker that has just been completed: every token is at
+# least one character, so a window longer than the longest marker holds any marker ending at the last token
+MARKER_WINDOW = max(len(m) for m in REFUSAL_MARKERS) + 8
 
 
 def greedy_kwargs(bundle: ModelBundle, max_new_tokens: int) -> dict[str, Any]:
@@ -32,11 +50,94 @@ def _eos_ids(bundle: ModelBundle) -> set[int]:
     return {i for i in ids | {bundle.tokenizer.eos_token_id, bundle.tokenizer.pad_token_id} if i is not None}
 
 
+def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    return row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+
+
+def _make_cache(model: Any, kind: str, max_len: int) -> Any:
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    raise ValueError(f"unknown cache {kind!r}: choose from {', '.join(CACHES)}")
+
+
+def _keep_rows(cache: Any, keep: torch.Tensor) -> None:
+    """Drop the cache's batch rows not in ``keep`` (indices into the current batch)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+
+
+def refusal_decided(tokenizer: Any, ids: Sequence[int]) -> bool:
+    """True once the text of ``ids`` contains a refusal marker (checked on the last tokens, then confirmed
+    on the whole text, so that the verdict is exactly the marker judge's on the full decode)."""
+    tail = tokenizer.decode(ids[-MARKER_WINDOW:], skip_special_tokens=True)
+    return is_refusal(tail) and is_refusal(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+@torch.inference_mode()
+def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_tokens: int, cache: str = "static",
+                stop_on_refusal: bool = False, stats: dict[str, int] | None = None) -> list[list[int]]:
+    """Greedy completions (token ids, cut before EOS) of a left-padded batch, decoded step by step with
+    rows leaving the batch once they end (or, with ``stop_on_refusal``, once their verdict is a refusal).
+    Positions and masks follow ``model.generate``'s (position = number of real tokens before), so the
+    token ids are those of plain generate; ``stats["steps_rows"]`` counts the row-steps computed."""
+    model, tok = bundle.model, bundle.tokenizer
+    eos = torch.tensor(sorted(_eos_ids(bundle)), device=bundle.device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n, width = ids.shape
+    out: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens <= 0:
+        return out
+    kv = _make_cache(model, cache, width + max_new_tokens)
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=kv, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    rows = torch.arange(n, device=ids.device)  # which original row each batch row is
+    last = pos[:, -1]
+    computed = n
+    for t in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        done = torch.isin(nxt, eos)
+        for j, (r, tkn, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done.tolist())):
+            if d:
+                continue
+            out[r].append(tkn)
+            if stop_on_refusal and refusal_decided(tok, out[r]):
+                done[j] = True
+        if t == max_new_tokens - 1:
+            break
+        if done.any():
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            rows, nxt, mask, last = rows[keep], nxt[keep], mask[keep], last[keep]
+            _keep_rows(kv, keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        last = last + 1
+        computed += rows.numel()
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=kv,
+                       use_cache=True).logits[:, -1]
+    if stats is not None:
+        stats["steps_rows"] = stats.get("steps_rows", 0) + computed
+    return out
+
+
 def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int,
-                    intervention: Intervention) -> list[list[int]]:
+                    intervention: Intervention, engine: str = "fast", cache: str = "static",
+                    stop_on_refusal: bool = False) -> list[list[int]]:
     enc = encode(bundle, prompts)
     width = enc["input_ids"].shape[1]
+    eos = _eos_ids(bundle)
     if intervention is None:
+        if engine == "fast":
+            return greedy_loop(bundle, enc, max_new_tokens, cache, stop_on_refusal)
+        if engine != "hf":
+            raise ValueError(f"unknown generation engine {engine!r}: choose from {', '.join(ENGINES)}")
         rows = bundle.model.generate(**enc, **greedy_kwargs(bundle, max_new_tokens))[:, width:].tolist()
     elif isinstance(intervention, ActAdd):
         # The addition is patched in at every step through nnsight. Each step's token is the argmax of that
@@ -52,8 +153,7 @@ def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens:
         rows = torch.stack([t.cpu() for t in steps], dim=1).tolist()
     else:
         raise TypeError("generate ablations through weight edits (refusal_rank.ablation.orthogonalized)")
-    eos = _eos_ids(bundle)
-    return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+    return [_cut_at_eos(row, eos) for row in rows]
 
 
 def cache_key(*parts: Any) -> str:
@@ -63,8 +163,11 @@ def cache_key(*parts: Any) -> str:
 @torch.inference_mode()
 def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
              intervention: Intervention = None, cache_file: Path | None = None,
-             desc: str = "generate") -> list[dict[str, Any]]:
-    """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given."""
+             desc: str = "generate", engine: str = "fast", cache: str = "static",
+             stop_on_refusal: bool = False) -> list[dict[str, Any]]:
+    """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given.
+    ``engine``/``cache``/``stop_on_refusal``: see the module docstring (a cache file of verdict-only
+    completions must be named apart from full ones by the caller)."""
     done: dict[int, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():
         lines = cache_file.read_text().splitlines()
@@ -79,7 +182,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
             cache_file.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
     for idx in tqdm(todo, desc=desc, leave=False):
-        ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention)
+        ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention, engine, cache, stop_on_refusal)
         new = [{"i": i, "ids": r, "text": bundle.tokenizer.decode(r, skip_special_tokens=True)} for i, r in zip(idx, ids)]
         for row in new:
             done[row["i"]] = row
