@@ -252,8 +252,14 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     from . import sweep_run as S
     from .pipeline import reselected_k1
 
+    import copy
+
     sc = cfg["defense"]["screen"]
     thr = cfg["sweep"]["threshold"]
+    # a screen, not the final sweep: the paper's attacker on a coarser layer grid (said in the config);
+    # notebook 04 runs it on its full grid at the final checkpoints
+    cfg = copy.deepcopy(cfg)
+    cfg["sweep"]["iterated_layer_stride"] = sc.get("iterated_layer_stride", cfg["sweep"]["iterated_layer_stride"])
     prompts = S.sweep_test_set(cfg)
     out: dict[str, Any] = {"k1_reselected": reselected_k1(cfg, bundle, sets)}
     ctx = S.attack_context(cfg, bundle)
