@@ -185,6 +185,7 @@ def choose_C(xtr: Any, ytr: Any, Cs: Sequence[float], folds: int = 4, seed: int 
     folds = max(2, min(int(folds), int(np.bincount(y, minlength=2).min())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn's notices of changing defaults; the choice here is explicit
         clf = LogisticRegressionCV(Cs=list(Cs), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                    max_iter=max_iter, random_state=seed).fit(a, y)
     return float(clf.C_[0])
@@ -312,7 +313,7 @@ def permutation_edge(xtr: Any, ytr: Any, dim: int, n_perm: int = 8, seed: int = 
 
 
 def whitened_summary(xtr: Any, ytr: Any, dim: int, n_perm: int = 8, seed: int = 0, top: int = 8) -> dict[str, Any]:
-    """{rank: participation ratio of the eigenvalues above the permutation edge (0 if none), n_sig: how
+    """{rank: participation ratio of the eigenvalues above the noise edge (0 if none), n_sig: how
     many there are, edge, top: the leading eigenvalues, dim: the frame's size} of the whitened class
     difference. Only eigenvalues above the edge count: in a 64-dimensional frame the many small positive
     noise eigenvalues would otherwise dominate a participation ratio."""
@@ -390,7 +391,8 @@ def attack_share(xtr: Any, ytr: Any, xte: Any, yte: Any, basis: Any, ks: Sequenc
     """{k: {held, remains}} for the first k columns U of an attacker's (raw-stream) basis: held = the
     separability of the features projected on span(U), remains = that of the features with span(U)
     projected out, each over the separability of all features (held-out squared d'). ks beyond the basis
-    are skipped; empty if the features carry no held-out separability."""
+    are skipped; empty if the features carry no held-out separability. Both are held-out estimates: with few
+    prompts either can exceed 1, and the two need not sum to 1 (the directions correlate with the rest)."""
     U = _np(basis)
     a, b = _np(xtr), _np(xte)
     total = fisher_separability(a, ytr, b, yte, dim)
