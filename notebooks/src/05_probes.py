@@ -1,22 +1,54 @@
 # %% [markdown]
-# # 05 · Probe spectra: did the signal move, or only hide?
+# # 05 · Probes: was the signal spread, shrunk, moved, or left in place?
 #
 # Notebook 04 measures what an attacker has to ablate. Here we look at the activations themselves, per layer
-# and per model, on pooled representations (the mean over the post-instruction positions, the ones the
-# attackers read and the defence matches):
+# and per model, and ask which of four things the defence did to the harmful-vs-harmless signal:
 #
-# * the eigenvalue **spectrum of the excess second moment** of harmful over harmless activations (about the
-#   harmless mean) and its **effective rank**, the participation ratio $(\sum_i\lambda_i)^2/\sum_i\lambda_i^2$
-#   over the positive eigenvalues: a refusal signal on one direction has effective rank near 1;
-# * held-out accuracy of a **linear** and of a small **MLP probe** (harmful vs harmless; train on the train
-#   split, test on held-out test prompts). A falling linear probe with a high MLP probe would mean the signal
-#   was reorganised, not erased;
-# * linear-probe accuracy as directions are **removed** one at a time (INLP, fitted on train), and
-#   $k_{chance}$: the number of removed directions after which accuracy is ≤ 0.60; at the attacker's layer,
-#   the same curve for the bases of every estimator of notebook 04.
+# * **spread** it over more directions (what the paper claims: more directions to ablate);
+# * **shrunk** it (every activation scaled down: an ablation removes a unit direction, so scale buys nothing);
+# * **moved** it to other layers (the attacker's layer changes, the signal does not spread);
+# * **left it in place**;
+# * or, not one of the paper's cases but possible, **weakened** it: fainter at every layer.
 #
-# Features are z-scored per dimension with the train statistics before a probe is fitted (Qwen's residual
-# stream has a few huge-magnitude dimensions); directions are removed from the raw stream, as an ablation does.
+# The first cpu run could not tell these apart: its probes trained on AdvBench and tested on HarmBench +
+# StrongREJECT (a dataset shift: 0.750 at every early layer, one whole source misclassified), 16 INLP rounds
+# never reached chance, and the excess second moment's spectrum is dominated by the mean-difference outer
+# product, whose scale the covariance term shrank 17-180x without changing its shape. So:
+#
+# * **Probe splits by source** (`data/probe_splits.json`): every source (AdvBench, HarmBench, StrongREJECT,
+#   harmless) is cut in two, the probe trains on one half of each and is tested on the other half of each,
+#   with accuracy **per source**. Transfer from AdvBench alone to the other sources, and the over-refusal
+#   prompts (benign but edgy, label harmless), are reported apart and labelled as transfer. The same prompts
+#   serve every model, not filtered by its refusals, and none of the defence's training prompts are used.
+# * **Regularised probes**: about 192 prompts per class in 1536 dimensions are linearly separable under any
+#   labelling, so an unregularised logistic probe fits noise. The L2 strength is chosen by cross-validation on
+#   the probe-train split only (at the attacker's layer, then used at every layer of that model), features
+#   z-scored with train statistics (Qwen's stream has a few huge dimensions).
+# * **Scale-free measures**, unchanged when every activation is multiplied by a constant:
+#   - the **whitened class difference** $M = C_0^{-1/2}(S_h - C_0)C_0^{-1/2}$ (harmful second moment about the
+#     harmless mean over the harmless covariance, in the top principal components of the probe-train split,
+#     Ledoit–Wolf-shrunk): its eigenvalues are the harmful class's extra energy per direction in units of the
+#     harmless spread; we report how many exceed a noise edge (from random halves of the harmless prompts)
+#     and their participation ratio;
+#   - **$k_{erase}$**: closed-form linear erasure in the LEACE sense, extended to $k$ directions: the
+#     eigenvectors of $M$, in order of their share of the whitened mean difference, are erased obliquely
+#     ($x \to x - C_0^{1/2}VV^\top C_0^{-1/2}x$), a linear probe is refitted on the erased train split and tested on
+#     the erased held-out split, and $k_{erase}$ is the first $k$ at which it is at chance (≤ 0.60); null when
+#     the budget (the whole frame) never gets there. For a binary label, one oblique direction erases all linear
+#     information *in the population* (LEACE's theorem), so $k_{erase} > 1$ says the mean shift is carried by
+#     several directions along which harmful prompts vary independently, or that the train estimate does not
+#     carry over to held-out prompts. Beside it, the held-out linear and MLP accuracy after rank-1 LEACE: an MLP
+#     still above chance there reads a signal that is not linear;
+#   - **held-out separability** (squared $d'$ of a train-fitted shrinkage LDA) and the **share of it held by each
+#     attacker's top 1, 4 and 16 directions**, against what remains once they are projected out of the raw stream;
+# * the paper's lens: a **linear probe at the last prompt token** (the paper: 0.991 for the instruct model,
+#   0.955 after its defence), and, for continuity, the unwhitened spectrum, the MLP probe and INLP's
+#   $k_{chance}$ (INLP removes probe weights, not the mean difference, so it is slow even on a one-direction
+#   signal; its budget is a lower bound).
+#
+# Representations are pooled (the mean over the post-instruction positions, which the attackers read and the
+# defence matches) at every probed layer, the last 20% included; the last-token probe reads the final template
+# token alone.
 
 # %% parameters
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
@@ -26,11 +58,11 @@ models = None  # None: every model of the profile's [sweep] models
 import time
 
 import pandas as pd
-import torch
+from IPython.display import Markdown
 
-from refusal_rank import data as D
 from refusal_rank import plotting
-from refusal_rank import probes as Q
+from refusal_rank import probe_figures as F
+from refusal_rank import probe_run as R
 from refusal_rank import sweep_run as S
 from refusal_rank.config import load_config
 from refusal_rank.results import timing, update_summary
@@ -39,80 +71,107 @@ t0 = time.perf_counter()
 cfg = load_config(profile)
 S.select_models(cfg, models)
 pc = cfg["probes"]
-harm_test = D.split_prompts("harmful_test", pc["n_test_per_source"], cfg["seed"], per_source=True)
-ok_test = D.split_prompts("harmless_test", len(harm_test), cfg["seed"])
-print(f"held-out probe test: {len(harm_test)} harmful, {len(ok_test)} harmless")
+sets = R.probe_sets(pc)
+n_probe = R.probe_n(sets)
+pd.DataFrame({"train": n_probe["train_by_source"], "held-out test": n_probe["test_by_source"]})  # probe prompts per source
 
 # %% [markdown]
-# ## 1 · Per layer: spectrum, probes, k_chance
+# ## 1 · Every model, every probed layer
 
 # %%
-reports, eigs, site, removal, removal_k_chance = {}, {}, {}, {}, {}
+out = {}
 for m in cfg["sweep"]["models"]:
-    bundle = S.load_attacked(cfg, m)
-    ctx = S.attack_context(cfg, bundle)
-    # the attacker's layer: that of the iterated attacker's first direction (notebook 01's procedure on these weights)
-    # (the iterated attacker's directions are those notebook 04 computed: at least one)
-    found = S.iterated_basis(ctx, 1)
-    site[m] = found.rounds[0]["layer"]
-    layers = sorted(set(range(0, bundle.n_layers, pc["layer_stride"])) | {site[m]})
-    pooled = {}
-    for split, ps in (("train_h", ctx.tv.harmful_train), ("train_o", ctx.tv.harmless_train), ("test_h", harm_test), ("test_o", ok_test)):
-        pooled[split] = S.grid_acts(cfg, bundle, ps, layers, f"{split} acts").float().mean(2)  # (n, layers, d): pooled positions
-    ytr = torch.cat([torch.ones(len(pooled["train_h"])), torch.zeros(len(pooled["train_o"]))])
-    yte = torch.cat([torch.ones(len(pooled["test_h"])), torch.zeros(len(pooled["test_o"]))])
-    xs = lambda i: (torch.cat([pooled["train_h"][:, i], pooled["train_o"][:, i]]), torch.cat([pooled["test_h"][:, i], pooled["test_o"][:, i]]))
-    reports[m] = {}
-    for i, l in enumerate(layers):
-        if (pooled["train_h"][:, i].mean(0) - pooled["train_o"][:, i].mean(0)).norm() < 1e-6:
-            continue  # layer 0: the pooled template tokens are identical for every prompt
-        xtr, xte = xs(i)
-        reports[m][l] = Q.layer_report(xtr, ytr, xte, yte, pc["inlp_k_max"], pc["ks"], cfg["seed"], pc["threshold"], pc["mlp_hidden"])
-    i = layers.index(site[m])
-    eigs[m] = Q.spectrum(pooled["train_h"][:, i], pooled["train_o"][:, i])
-    xtr, xte = xs(i)
-    removal[m] = {"inlp": reports[m][site[m]]["acc_vs_removed"]}
-    for e in S.check_estimators(cfg["sweep"]["estimators"]):
-        basis = (found.basis if e == "iterated"
-                 else S.estimator_basis(ctx, e, max(cfg["sweep"]["k_grid"]))["basis"])
-        removal[m][e] = Q.acc_vs_removed(xtr, ytr, xte, yte, basis.float(), pc["ks"], cfg["seed"])
-    removal_k_chance[m] = {e: Q.k_chance(c, pc["threshold"]) for e, c in removal[m].items()}
-    del bundle, ctx
-n_probe = {"train": len(ytr), "test": len(yte)}
+    out[m] = R.probe_model(cfg, m, sets)
+reports = {m: o["reports"] for m, o in out.items()}
+site = {m: o["site"] for m, o in out.items()}
+last_token = {m: o["last_token"] for m, o in out.items()}
 
 # %%
-fig = plotting.probe_layers(reports, pc["threshold"], n_probe)
+fig = F.per_layer(reports, last_token, pc["threshold"], n_probe)
 plotting.save(fig, cfg, "05_1_probes_per_layer")
-pd.DataFrame({m: {l: r["k_chance"] for l, r in by.items()} for m, by in reports.items()})  # k_chance per layer (None: > inlp_k_max)
+pd.DataFrame({m: {l: r["k_erase"] if r["k_erase"] is not None else f"> {r['k_erase_budget']}" for l, r in by.items()}
+              for m, by in reports.items()})  # k_erase per layer and model
+
+# %%
+pd.DataFrame({m: {l: f"{r['linear_acc']:.3f} [{r['linear_ci']['lo']:.2f}, {r['linear_ci']['hi']:.2f}]" for l, r in by.items()}
+              for m, by in reports.items()})  # held-out linear probe per layer, 95% bootstrap interval
 
 # %% [markdown]
 # ## 2 · Spectra at the attacker's layer
+# Left: the unwhitened excess second moment over its largest eigenvalue (its scale, which the covariance term
+# can shrink, divided out). Right: the whitened class difference with its noise edge (dotted).
 
 # %%
-fig = plotting.spectra(eigs, site, n_probe["train"])
+fig = F.spectra({m: o["spectra"]["raw"] for m, o in out.items()}, {m: o["spectra"]["whitened"] for m, o in out.items()},
+                site, n_probe["train"])
 plotting.save(fig, cfg, "05_2_spectra")
-pd.DataFrame({m: {"layer": site[m], "effective_rank": reports[m][site[m]]["effective_rank"],
-                  "linear_acc": reports[m][site[m]]["linear_acc"], "mlp_acc": reports[m][site[m]]["mlp_acc"],
-                  "k_chance": reports[m][site[m]]["k_chance"]} for m in reports}).T
+pd.DataFrame({m: {"layer": site[m], "effective_rank (unwhitened)": reports[m][site[m]]["effective_rank"],
+                  "top eigenvalue (unwhitened)": reports[m][site[m]]["top_eigvals"][0],
+                  "whitened rank": reports[m][site[m]]["whitened"]["rank"], "whitened n_sig": reports[m][site[m]]["whitened"]["n_sig"],
+                  "k_erase": reports[m][site[m]]["k_erase"], "linear_acc": reports[m][site[m]]["linear_acc"],
+                  "after LEACE: linear": reports[m][site[m]]["leace"]["linear_acc"],
+                  "after LEACE: MLP": reports[m][site[m]]["leace"]["mlp_acc"], "mlp_acc": reports[m][site[m]]["mlp_acc"],
+                  "last-token probe": last_token[m]["linear_acc"]} for m in reports}).T
 
 # %% [markdown]
 # ## 3 · Linear probe accuracy vs directions removed, at the attacker's layer
-# INLP (fitted on train) and the bases of notebook 04's estimators (the iterated attacker contributes the
-# directions it computed there; the others their first K).
+# The whitened eraser (the curve that defines $k_{erase}$), INLP (fitted on train) and the bases of notebook
+# 04's estimators, projected out of the raw stream (the iterated attacker contributes the directions it
+# computed there; the others their first K).
 
 # %%
-fig = plotting.removal_curves(removal, pc["threshold"], n_probe)
+fig = plotting.removal_curves({m: o["removal"] for m, o in out.items()}, pc["threshold"], n_probe)
 plotting.save(fig, cfg, "05_3_probe_vs_removed")
-pd.DataFrame(removal_k_chance).T  # k_chance per model and basis at the attacker's layer (None: not reached within the curve)
+pd.DataFrame({m: o["site_summary"]["k_chance"] for m, o in out.items()}).T  # first k at chance per basis (None: not within the curve)
+
+# %% [markdown]
+# ## 4 · What each attack removes against what remains
+# The share of held-out separability in each attacker's top 1, 4 and 16 directions (features projected on
+# them), and what remains once they are projected out. A signal an attack can break with one direction has
+# most of its separability in that direction; a spread one keeps most of it after the attack's top directions
+# are gone.
+
+# %%
+fig = F.attack_share({m: o["shares"] for m, o in out.items()}, n_probe)
+plotting.save(fig, cfg, "05_4_attack_share")
+pd.DataFrame({(m, e): {f"top {k}": f"{v['held']:.2f} / {v['remains']:.2f}" for k, v in sh.items()}
+              for m, o in out.items() for e, sh in o["shares"].items()}).T  # held / remains
+
+# %% [markdown]
+# ## 5 · Per source, and transfer across sources (labelled apart)
+# Same-source: the probe trained on every source's train half, tested on every source's held-out half.
+# Transfer: a probe trained on AdvBench vs harmless only, tested on held-out HarmBench and StrongREJECT; and
+# the same-source probe on over-refusal prompts (the share it calls harmless).
+
+# %%
+rows = {}
+for m, by in reports.items():
+    r = by[site[m]]
+    rows[m] = {**{f"{s}": v for s, v in r["by_source"].items()},
+               **{f"transfer: {s}": v for s, v in r["transfer"]["by_source"].items() if s != "harmless"},
+               "over-refusal as harmless": r["transfer"]["overrefusal_as_harmless"]}
+fig = F.by_source(rows, site, n_probe)
+plotting.save(fig, cfg, "05_5_by_source")
+pd.DataFrame({m: {k: f"{v['acc']:.2f} [{v['lo']:.2f}, {v['hi']:.2f}] (n={v['n']})" for k, v in r.items()} for m, r in rows.items()})
+
+# %% [markdown]
+# ## 6 · Reading
+# Computed from the numbers above (`probe_run.reading`, thresholds in the profile's `[probes.reading]`): for
+# each trained model against the original, whether its signal was spread, moved to other layers, weakened,
+# shrunk, or left in place, and the numbers that decide it.
+
+# %%
+summary_probes = {m: {str(l): R.summary_layer(r) for l, r in by.items()} for m, by in reports.items()}
+summary_site = {m: o["site_summary"] for m, o in out.items()}
+verdict = R.reading(summary_probes, summary_site, last_token, pc["reading"])
+Markdown("\n".join(f"- {v['sentence']}" for v in verdict.values()) or "_No trained model to compare with the base._")
 
 # %%
 update_summary(cfg,
-               probes={m: {str(l): {**{k: r[k] for k in ("effective_rank", "k_chance", "linear_acc", "mlp_acc")},
-                                    "top_eigvals": r["top_eigvals"][:8]}
-                           for l, r in by.items()} for m, by in reports.items()},
-               probes_site={m: {"layer": site[m], "k_chance": removal_k_chance[m],
-                                "removal": {e: {str(k): v for k, v in c.items()} for e, c in removal[m].items()}}
-                            for m in removal},
+               probes=summary_probes,
+               probes_site=summary_site,
+               probes_last_token=last_token,
                probes_n=n_probe,
+               probes_reading={m: {k: v[k] for k in ("case", "flags", "sentence")} for m, v in verdict.items()},
                **timing("05_probes", t0))
 print(f"05 done in {time.perf_counter() - t0:.0f} s")
