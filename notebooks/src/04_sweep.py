@@ -26,7 +26,7 @@
 # way published defences were broken); that attacker is out of the headline's scope. This is a limitation of
 # the claim, not a detail: a defence of open weights is only as strong as the weakest copy published.
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 models = None  # None: every model of the profile's [sweep] models
 
@@ -77,7 +77,7 @@ for m in sc["models"]:
     del bundle, ctx
 
 # %%
-fig = plotting.sweep_curves(sweeps, sc["threshold"], len(prompts))
+fig = plotting.sweep_curves(sweeps, sc["threshold"], len(prompts), plotting.unattacked_rates(cfg["profile"]))
 plotting.save(fig, cfg, "04_1_refusal_vs_k")
 
 # %% [markdown]
