@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ablation import orthonormalize
 from .activations import Ablation, ActAdd, collect_residuals, encode, length_batches, run_interventions

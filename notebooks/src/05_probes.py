@@ -18,7 +18,7 @@
 # Features are z-scored per dimension with the train statistics before a probe is fitted (Qwen's residual
 # stream has a few huge-magnitude dimensions); directions are removed from the raw stream, as an ablation does.
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 models = None  # None: every model of the profile's [sweep] models
 
