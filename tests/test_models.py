@@ -63,3 +63,58 @@ def test_unknown_source_is_clear(tiny_cfg):
 
     with pytest.raises(Mo.ModelSourceError, match="Unknown model source"):
         Mo.checkpoint_dir(override(tiny_cfg, **{"model.source": "ftp"}))
+
+
+def test_hub_check_asks_through_huggingface_hub_and_honours_hf_endpoint(tmp_path):
+    """A local server answering 404 counts as reachable, a closed port as unreachable: the check goes to
+    HF_ENDPOINT through huggingface_hub's own client, and fails fast."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    code = "import sys; from refusal_rank.models import hub_reachable; print(hub_reachable('org/model', timeout=3))"
+    try:
+        for endpoint, want in ((f"http://127.0.0.1:{srv.server_port}", "True"), ("http://127.0.0.1:9", "False")):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                               env={**__import__("os").environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
+            assert r.stdout.strip().splitlines()[-1] == want, (endpoint, r.stdout, r.stderr[-500:])
+            assert time.perf_counter() - t < 30
+    finally:
+        srv.shutdown()
+
+
+def test_model_card_says_what_was_done(tmp_path):
+    from refusal_rank.model_card import write_model_card
+
+    p = write_model_card(tmp_path / "export", {"base_model": "org/base", "title": "A test export", "rank": 3,
+                                                "edit": "weight orthogonalisation", "basis": {"layer": 2}})
+    text = p.read_text()
+    assert p.name == "README.md" and text.startswith("---\nbase_model: org/base\n")
+    assert "# A test export" in text and "- **rank**: 3" in text and "- **edit**: weight orthogonalisation" in text
+    assert "refusal behaviour was changed on purpose" in text and '`{"layer": 2}`' in text
+
+
+def test_k1_export_carries_a_model_card(tiny_cfg, tiny, tmp_path):
+    import torch
+
+    from refusal_rank import pipeline as P
+    from refusal_rank.data import Prompt
+
+    u = torch.nn.functional.normalize(torch.randn(tiny.d_model, 1, generator=torch.Generator().manual_seed(0)), dim=0)
+    P.export_check(tiny_cfg, tiny, u, [Prompt("x", "Say hello.", "harmless")], tmp_path / "k1")
+    card = (tmp_path / "k1" / "README.md").read_text()
+    assert "rank-1 refusal ablation" in card and "- **rank**: 1" in card and "orthogonalisation" in card
