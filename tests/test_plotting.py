@@ -51,11 +51,19 @@ def draw_all(cfg) -> dict[str, object]:
     sweeps = {m: {e: {"per_k": per_k(i)} for i, e in enumerate(ESTS)} for m in MODELS}
     reports = {m: {l: {"effective_rank": 1.0 + l, "linear_acc": 0.9, "mlp_acc": 0.8, "k_chance": None if l else 3,
                        "top_eigvals": [1.0]} for l in (0, 2, 4)} for m in MODELS}
+    moments = {m: {"variant": {"lambda_cov": 1.0} if j else {"lambda_mean": 1.0},
+                   "history": [{"step": i, "cov": 1 / (i + 1), "cov_null": 0.1, "mean": 0.5, "mean_null": 0.2} for i in range(5)]}
+               for j, m in enumerate(MODELS[1:])}
+    screen = lambda r, kb: {"k1_reselected": {"refusal_rate_harmful": rate(r)}, "k_screened": [1, 4, 16], "k_break": kb}
+    budget = {m: {"1x": {"prompt_passes": 64, "refusal_rate_harmful": rate(0.7), "screen": screen(0.1, 1)},
+                  "2x": {"prompt_passes": 128, "refusal_rate_harmful": rate(0.72), "screen": screen(0.4, None)}} for m in MODELS[1:]}
     figs = {
         "01_2_refusal_score_heatmap": F.score_heatmap(scores, 8, post, (2, 1), 12, max_layer=6, layer_stride=2),
         "01_3_direction_norms": F.direction_norms(dirs, post, 16, (2, 1), dirs.norm(dim=-1) + 1),
         "02_4_refusal_rates": F.rate_bars(rows, "Refusal rates (test)"),
         "03_1_training_curves": F.training_curves(records),
+        "03_2_terms_vs_floor": F.term_vs_floor(moments),
+        "03_3_screen_vs_budget": F.screen_vs_budget(budget, 0.3, {"paper: instruct (1)": 1, "paper (16)": 16}),
         "04_1_refusal_vs_k": F.sweep_curves(sweeps, 0.3, 80, {m: rate(0.7) for m in MODELS}),
         "05_1_probes_per_layer": F.probe_layers(reports, 0.6, {"train": 32, "test": 16}),
         "05_2_spectra": F.spectra({m: torch.linspace(5, 0.1, 20) for m in MODELS}, {m: 2 for m in MODELS}, 32),
@@ -78,7 +86,7 @@ def png_dpi(path) -> float:
 def test_every_figure_is_redrawn_from_its_values_alone(drawn):
     repo, _, again, missing = drawn
     figs = repo / "figures" / "scratch"
-    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 8
+    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 10
     assert sorted(again) == sorted(p.stem for p in figs.glob("*.png"))
     for name in again:
         for ext in ("png", "pdf"):

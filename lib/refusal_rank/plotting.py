@@ -624,56 +624,87 @@ def term_vs_floor(records: dict[str, dict[str, Any]]) -> plt.Figure:
     """Each moment variant's matched term per step beside its noise floor (the same term on two halves of
     the harmless class), one panel per variant: a term that falls into the band of its floor has matched
     the classes as far as its estimate can tell."""
-    rows = [(n, r, "cov" if r["variant"].get("lambda_cov") else "mean") for n, r in records.items()
-            if r["variant"].get("lambda_cov") or r["variant"].get("lambda_mean")]
-    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(4.2 * max(1, len(rows)), 3.0), squeeze=False)
-    for ax, (name, r, key) in zip(axes.flat, rows):
+    rows = []
+    for name, r in records.items():
+        v = r["variant"]
+        if not (v.get("lambda_cov") or v.get("lambda_mean")):
+            continue
+        key = "cov" if v.get("lambda_cov") else "mean"
         h = [x for x in r["history"] if key in x]
-        ax.plot([x["step"] for x in h], [x[key] for x in h], label=f"L_{key} (harmful vs harmless)")
         hn = [x for x in h if f"{key}_null" in x]
-        ax.plot([x["step"] for x in hn], [x[f"{key}_null"] for x in hn], color="0.55", lw=0.8,
-                label="same term, two halves of harmless (noise floor)")
+        rows.append({"name": name, "key": key, "steps": [x["step"] for x in h], "term": [x[key] for x in h],
+                     "null_steps": [x["step"] for x in hn], "null": [x[f"{key}_null"] for x in hn]})
+    return _term_vs_floor(rows=rows)
+
+
+@_figure("term_vs_floor")
+def _term_vs_floor(rows) -> plt.Figure:
+    n = max(1, len(rows))
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(TWO_COLUMNS if n > 1 else ONE_COLUMN, 1.9 * nrow + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax, r in zip(axes.flat, rows):
+        look = model_look(r["name"])
+        ax.plot(r["steps"], r["term"], color=look.color, marker=look.marker, ms=2.5, lw=1,
+                markevery=max(1, len(r["steps"]) // 6))
+        ax.plot(r["null_steps"], r["null"], color=GREY, lw=0.9, ls="--")
         ax.axhline(0, color="0.3", lw=0.6)
-        ax.set_title(f"{name}: L_{key}")
+        ax.set_title(f"{r['name']}: L_{r['key']}", color=look.color)
         ax.set_xlabel("step")
-    if not rows:
-        axes.flat[0].axis("off")
-    else:
-        axes.flat[0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    if rows:
+        fig.legend(handles=[Line2D([], [], color="0.2", marker="o", ms=2.5, label="the term: harmful vs harmless"),
+                            Line2D([], [], color=GREY, ls="--", label="same term, two halves of harmless (noise floor)")],
+                   loc="outside lower center", ncol=2)
     return fig
 
 
 def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: float,
                      paper_k: dict[str, float]) -> plt.Figure:
-    """Per variant, the attack screen's generated harmful refusal rate against prompt passes: the
-    re-selected K=1 attack, each iterated round and each dim-svd K (left), and the screen's K_break with
-    the paper's K values as reference lines (right)."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
-    names = sorted(budget)
-    for i, name in enumerate(names):
+    """Per variant, the attack screen against prompt passes: the re-selected K=1 attack's generated harmful
+    refusal rate beside the unattacked one (left), and the screen's K_break with the paper's K values as
+    reference lines (right)."""
+    series = {}
+    for name in sorted(budget):
         pts = sorted(budget[name].values(), key=lambda e: e["prompt_passes"])
-        xs = [e["prompt_passes"] for e in pts]
-        ys = [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else np.nan for e in pts]
-        ax.plot(xs, ys, marker="o", label=f"{name}: K=1 re-selected", color=f"C{i}")
-        own = [e.get("refusal_rate_harmful", {}).get("rate", np.nan) for e in pts]
-        ax.plot(xs, own, ls=":", color=f"C{i}", label=f"{name}: unattacked")
-        kb = [(e["screen"] or {}).get("k_break") for e in pts]
         top = max((max(e["screen"]["k_screened"]) for e in pts if e.get("screen")), default=1)
-        ax2.plot(xs, [k if k is not None else top + 1 for k in kb], marker="s", color=f"C{i}", label=name)
+        series[name] = {
+            "passes": [e["prompt_passes"] for e in pts],
+            "k1": [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else None for e in pts],
+            "unattacked": [(e.get("refusal_rate_harmful") or {}).get("rate") for e in pts],
+            "k_break": [(e.get("screen") or {}).get("k_break") for e in pts], "top": top}
+    return _screen_vs_budget(series=series, threshold=float(threshold), paper_k={k: float(v) for k, v in paper_k.items()})
+
+
+@_figure("screen_vs_budget")
+def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(TWO_COLUMNS, 2.6), layout="constrained")
+    nan = lambda v: np.nan if v is None else v
+    for name, d in series.items():
+        look = model_look(name)
+        ax.plot(d["passes"], [nan(v) for v in d["k1"]], color=look.color, marker=look.marker, ms=3.5, lw=1)
+        ax.plot(d["passes"], [nan(v) for v in d["unattacked"]], color=look.color, marker=look.marker, mfc="white",
+                ms=3.5, lw=0.9, ls=":")
+        ax2.plot(d["passes"], [k if k is not None else d["top"] + 1 for k in d["k_break"]], color=look.color,
+                 marker=look.marker, ms=3.5, lw=1)
     ax.axhline(threshold, color="0.3", ls="--", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt passes")
     ax.set_ylabel("harmful refusal (generated)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"re-selected K = 1 attack (dashed: broken below {threshold})")
     for label, k in paper_k.items():
-        ax2.axhline(k, color="0.5", ls=":", lw=0.8)
-        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=7, color="0.35", va="bottom")
+        ax2.axhline(k, color="0.6", ls=":", lw=0.8)
+        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=6, color="0.35", va="bottom")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log", base=2)
     ax2.set_xlabel("prompt passes")
     ax2.set_ylabel("screen K_break (top: none broke)")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    ax2.set_title("cheapest K that broke the model in the screen")
+    handles = _model_handles(list(series)) + [
+        Line2D([], [], color="0.3", marker="o", label="under the attack"),
+        Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     return fig
