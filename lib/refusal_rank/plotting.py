@@ -293,7 +293,7 @@ def direction_norms(dirs, post_tokens: Sequence[str], n_train: int, selected: tu
 @_figure("direction_norms")
 def _direction_norms(norms, relative, post_tokens, n_train, selected) -> plt.Figure:
     a = np.array(norms, dtype=float)  # (layers, positions)
-    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 2.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 3.1), layout="constrained")
     cmap = mpl.colormaps["cividis"]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     for p, t in enumerate(post_tokens):
@@ -306,7 +306,8 @@ def _direction_norms(norms, relative, post_tokens, n_train, selected) -> plt.Fig
     ax.set_xlabel("layer (block input)")
     ax.set_ylabel("||mean(harmful) - mean(harmless)||" + ("\n/ ||mean(harmless)||" if relative else " (raw)"))
     ax.set_title(f"Difference in means per layer (n={n_train} per class)")
-    ax.legend(title="position", ncol=2, loc="upper left", handlelength=1.5, columnspacing=0.8)
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    fig.legend(title="post-instruction position", ncol=3, loc="outside lower center", handlelength=1.5, columnspacing=0.8)
     ax.set_ylim(bottom=0)
     return fig
 
