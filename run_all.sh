@@ -23,7 +23,14 @@ if [ ! -f "configs/$PROFILE.toml" ]; then
   exit 2
 fi
 scripts/setup_env.sh "$PROFILE"
+# The kernel papermill runs and JupyterLab offers for these notebooks: this .venv's Python (idempotent).
+KERNEL=refusal-rank
+.venv/bin/python -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "refusal-rank (.venv)" >/dev/null
 export REFUSAL_RANK_PROFILE="$PROFILE" PYTHONUNBUFFERED=1
+# Progress bars are for people at a notebook: in these unattended runs they would only fill the executed
+# notebooks with fragments. TQDM_DISABLE switches off the library's bars (refusal_rank.progress), the
+# HF variable those of transformers and huggingface_hub; a bar that forces itself on updates once a minute.
+export TQDM_DISABLE=1 TQDM_MININTERVAL=60 HF_HUB_DISABLE_PROGRESS_BARS=1
 NB_DIR="${REFUSAL_RANK_NOTEBOOKS:-notebooks}"   # tests point these two elsewhere
 OUT="${REFUSAL_RANK_RUNS:-runs}/$PROFILE"
 mkdir -p "$OUT"
@@ -52,8 +59,8 @@ for nb in "$NB_DIR"/[0-9][0-9]_*.ipynb; do
   rm -f "$OUT/$name.stamp"
   echo "== $name ($PROFILE)"
   t_nb=$(date +%s)
-  if ! .venv/bin/papermill "$nb" "$OUT/$name.ipynb" -p profile "$PROFILE" --cwd "$NB_DIR" \
-       --log-output --progress-bar --no-report-mode 2> >(grep --line-buffered -v "TCP without encryption" >&2); then
+  if ! .venv/bin/papermill "$nb" "$OUT/$name.ipynb" -k "$KERNEL" -p profile "$PROFILE" --cwd "$NB_DIR" \
+       --log-output --no-progress-bar --no-report-mode 2> >(grep --line-buffered -v "TCP without encryption" >&2); then
     cell=$(.venv/bin/python - "$OUT/$name.ipynb" <<'PY'
 import json, sys
 try:

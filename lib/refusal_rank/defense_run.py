@@ -217,7 +217,7 @@ def periodic_eval(cfg: dict[str, Any], tv, base_lp_harmless_val: torch.Tensor):
 
 
 def target_checks(base: dict[str, Any], res: dict[str, Any], t: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Issue 7's targets for one trained model against the original, each with the measured values and
+    """The defense's targets for one trained model against the original, each with the measured values and
     whether it is met (point estimates; the intervals are in the table beside it). ``t`` holds the
     tolerances of the profile's ``[defense.targets]``."""
     rate = lambda r, k: (r.get(k) or {}).get("rate")

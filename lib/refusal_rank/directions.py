@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 
 def diff_in_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

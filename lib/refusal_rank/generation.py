@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .activations import ActAdd, Intervention, encode, length_batches
 from .metrics import REFUSAL_MARKERS, is_refusal

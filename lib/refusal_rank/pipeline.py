@@ -302,10 +302,25 @@ def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], 
     last-token log-probs with run-time ablation through nnsight on the original weights."""
     from transformers import AutoModelForCausalLM
 
-    from .ablation import export_orthogonalized
+    from .ablation import export_orthogonalized, tensor_tag
+    from .model_card import write_model_card
     from .models import ModelBundle
 
     export_orthogonalized(bundle, basis, out_dir)
+    write_model_card(out_dir, {
+        "title": f"{cfg['model']['name']} with a rank-{basis.shape[1]} refusal ablation baked into its weights",
+        "base_model": cfg["model"].get("hub_id") or cfg["model"]["name"],
+        "summary": "Notebook 02's K=1 attack: the refusal direction of notebook 01 projected out of every matrix that "
+                   "writes to the residual stream, W <- (I - U U^T) W, so that the model cannot represent it.",
+        "edit": "directional ablation as weight orthogonalisation (rank K = number of basis columns)",
+        "rank": basis.shape[1], "basis_sha256_12": tensor_tag(basis),
+        "matrices edited": "the token embedding, every attention output and MLP output matrix, and their biases; "
+                           "tied input/output embeddings are untied first so that the unembedding is unchanged",
+        "direction": "difference in means of harmful and harmless prompts at the selected layer and post-instruction "
+                     "position (results/<profile>/direction.safetensors)",
+        "profile": cfg["profile"], "dtype": str(bundle.dtype).removeprefix("torch."),
+        "checked": "reloaded with from_pretrained and compared with run-time ablation (summary: attack_k1.export_check)",
+    })
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=bundle.dtype).to(bundle.device).eval()
     rb = ModelBundle(reloaded, bundle.tokenizer, bundle.name + "-export", bundle.n_layers, bundle.d_model,
                      bundle.n_post, bundle.refusal_token_ids, bundle.post_tokens)

@@ -1,119 +1,396 @@
-"""Figures of the series. Each function returns a matplotlib figure; :func:`save` writes PNG and PDF to
-``figures/<profile>/`` under a name that starts with the notebook and section that draws it
-(e.g. ``01_2_refusal_score_heatmap``). Every figure states its n."""
+"""Figures of the series, drawn the same way in a notebook, from the command line and in a test.
+
+Every figure function takes the numbers a notebook has at hand, reduces them to the plain (JSON) values
+the figure shows, and draws from those values only. :func:`save` writes the figure as a 300 dpi PNG and
+a PDF with embedded TrueType fonts to ``figures/<profile>/``, and the values beside the summary in
+``results/<profile>/figure_data/<name>.json``: :func:`redraw` draws every figure again from that folder
+alone, with no model (``refusal-rank figures``). Names start with the notebook and section that draw
+them (``01_2_refusal_score_heatmap``); every figure states its n.
+
+Style, fixed once for every figure: the Okabe-Ito palette (distinguishable with the common colour-vision
+deficiencies), and one colour and one marker per model and per estimator, the same in every figure, so
+that "defended" is the same blue square wherever it appears. Widths are those of a printed page: one
+column (3.35 in) or two (6.9 in).
+
+No backend is forced: in a Jupyter kernel figures are shown inline where they are saved; a process
+without a display falls back to matplotlib's Agg by itself.
+"""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-import matplotlib
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
+ONE_COLUMN = 3.35  # inches: one column of a two-column page
+TWO_COLUMNS = 6.9  # inches: the full text width
+DPI = 300
 
-from .results import figure_path  # noqa: E402
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "0.88",
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "figure.dpi": 110,  # inline display in a notebook; files use DPI
+    "savefig.dpi": DPI,
+    "pdf.fonttype": 42,  # TrueType, embedded: text stays text in the PDF (Type 3 otherwise)
+    "ps.fonttype": 42,
+    "svg.fonttype": "none",
+}
+mpl.rcParams.update(STYLE)
 
-sns.set_theme(style="whitegrid", context="notebook")
+# Okabe & Ito (2008), "Color Universal Design"
+BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE, GREY = (
+    "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
 
 
-def save(fig: plt.Figure, cfg: dict[str, Any], name: str) -> list[str]:
+@dataclass(frozen=True)
+class Look:
+    color: str
+    marker: str
+
+
+MODEL_LOOK = {
+    "base": Look(BLACK, "o"),
+    "defended": Look(BLUE, "s"),
+    "kl_only": Look(ORANGE, "^"),
+    "ablation_aware": Look(GREEN, "D"),
+    "mean_matched": Look(PURPLE, "v"),
+    "K=1 ablated": Look(VERMILLION, "X"),
+    "act. addition (+r)": Look(SKY, "P"),
+    "act. subtraction (-r)": Look(GREY, "*"),
+}
+MODEL_ALIASES = {"original": "base"}
+ESTIMATOR_LOOK = {
+    "iterated": Look(BLACK, "o"),
+    "dim-svd": Look(ORANGE, "s"),
+    "pca-centered": Look(SKY, "^"),
+    "cov-diff": Look(GREEN, "D"),
+    "inlp": Look(VERMILLION, "v"),
+    "optimized": Look(PURPLE, "P"),
+}
+_SPARE = (Look(BLUE, "h"), Look(YELLOW, "p"), Look(GREY, "<"), Look(SKY, ">"))
+
+
+def _stable_spare(name: str) -> Look:
+    return _SPARE[sum(name.encode()) % len(_SPARE)]
+
+
+def model_look(name: str) -> Look:
+    """The fixed colour and marker of a model (an unknown name gets a spare one, stable across runs)."""
+    return MODEL_LOOK.get(MODEL_ALIASES.get(name, name)) or _stable_spare(name)
+
+
+def estimator_look(name: str) -> Look:
+    return ESTIMATOR_LOOK.get(name) or _stable_spare(name)
+
+
+def token_label(i: int, token: str) -> str:
+    """A post-instruction token as a tick label: its index and the token with whitespace made visible."""
+    shown = token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace(" ", "\u2423")
+    return f"{i}: {shown}" if shown.strip() else f"{i}: (space)"
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and ip.__class__.__name__ == "ZMQInteractiveShell"
+
+
+class SavedFigure(list):
+    """The paths :func:`save` wrote; in a notebook the figure itself is shown, and this only names the files."""
+
+    def _ipython_display_(self) -> None:
+        if self:
+            from .config import REPO_ROOT
+
+            stem = Path(self[0]).with_suffix("")
+            shown = stem.relative_to(REPO_ROOT) if stem.is_relative_to(REPO_ROOT) else stem
+            print(f"saved {shown}.png and .pdf")
+
+
+# ----------------------------------------------------------------------------------------------
+# saving and redrawing
+
+_DRAW: dict[str, Callable[..., plt.Figure]] = {}
+
+
+def _figure(kind: str):
+    """Register ``fn`` as the drawer of figure ``kind``; a drawn figure remembers the values it was drawn from."""
+
+    def wrap(fn: Callable[..., plt.Figure]) -> Callable[..., plt.Figure]:
+        def draw(**values: Any) -> plt.Figure:
+            values = json.loads(json.dumps(values, default=_jsonable))  # exactly what redraw will read back
+            fig = fn(**values)
+            fig.refusal_rank_data = {"figure": kind, "values": values}
+            return fig
+
+        _DRAW[kind] = draw
+        return draw
+
+    return wrap
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def figure_data_dir(profile: str) -> Path:
+    from .config import results_dir
+
+    d = results_dir(profile) / "figure_data"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _write_files(fig: plt.Figure, stem: Path) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
-        p = figure_path(cfg, f"{name}.{ext}")
-        # fixed metadata so reruns give identical bytes where the content is identical
+        p = stem.with_suffix(f".{ext}")
+        # fixed metadata, so that a redraw of the same values gives the same bytes
         meta = {"Software": None} if ext == "png" else {"Creator": None, "Producer": None, "CreationDate": None}
-        fig.savefig(p, dpi=130, bbox_inches="tight", metadata=meta)
+        fig.savefig(p, dpi=DPI, bbox_inches="tight", pad_inches=0.03, metadata=meta)
         paths.append(str(p))
     return paths
 
 
+def save(fig: plt.Figure, cfg: dict[str, Any], name: str) -> SavedFigure:
+    """Write ``figures/<profile>/<name>.png|pdf`` and the figure's values to
+    ``results/<profile>/figure_data/<name>.json``; in a notebook, show the figure here."""
+    from .results import figure_path
+
+    profile = cfg["profile"]
+    data = getattr(fig, "refusal_rank_data", None)
+    if data is not None:
+        p = figure_data_dir(profile) / f"{name}.json"
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data) + "\n")  # key order is drawing order
+        os.replace(tmp, p)
+    paths = SavedFigure(_write_files(fig, figure_path(cfg, name)))
+    if _in_kernel():
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+    return paths
+
+
+def redraw(profile: str, out_dir: Path | None = None, names: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Draw every figure of ``profile`` again from ``results/<profile>/figure_data/`` alone (no model, no
+    cache) into ``figures/<profile>/`` (or ``out_dir``). Returns {name: paths written}."""
+    from .config import figures_dir
+
+    src = figure_data_dir(profile)
+    out = Path(out_dir) if out_dir is not None else figures_dir(profile)
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, list[str]] = {}
+    for p in sorted(src.glob("*.json")):
+        if names and p.stem not in names:
+            continue
+        data = json.loads(p.read_text())
+        if data.get("figure") not in _DRAW:
+            raise ValueError(f"{p} names an unknown figure kind {data.get('figure')!r}")
+        fig = _DRAW[data["figure"]](**data["values"])
+        done[p.stem] = _write_files(fig, out / p.stem)
+        plt.close(fig)
+    return done
+
+
+def missing_data(profile: str) -> list[str]:
+    """Figures in ``figures/<profile>/`` that have no values in ``results/<profile>/figure_data/``."""
+    from .config import figures_dir
+
+    have = {p.stem for p in figure_data_dir(profile).glob("*.json")}
+    return sorted({p.stem for p in figures_dir(profile).glob("*.png")} - have)
+
+
+def _model_handles(names: Sequence[str], **kw: Any) -> list[Line2D]:
+    return [Line2D([], [], color=model_look(n).color, marker=model_look(n).marker, label=n, **kw) for n in names]
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 01
+
+
 def score_heatmap(scores: dict[tuple[int, int], float], n_layers: int, post_tokens: Sequence[str],
-                  selected: tuple[int, int], n_val: int, note: str = "", max_layer: int | None = None) -> plt.Figure:
-    """Mean harmful-val refusal score under ablation of each candidate (layer x position)."""
-    grid = np.full((len(post_tokens), n_layers), np.nan)
-    for (l, p), v in scores.items():
-        grid[p, l] = v
-    fig, ax = plt.subplots(figsize=(max(6, n_layers * 0.35), 2.6))
-    sns.heatmap(grid, ax=ax, cmap="RdBu_r", center=0, cbar_kws={"label": "refusal score"},
-                yticklabels=[repr(t)[1:-1] for t in post_tokens], mask=np.isnan(grid))
-    ax.add_patch(plt.Rectangle((selected[0], selected[1]), 1, 1, fill=False, lw=2.5, ec="black"))
+                  selected: tuple[int, int], n_val: int, note: str = "", max_layer: int | None = None,
+                  layer_stride: int = 1) -> plt.Figure:
+    """Mean harmful-val refusal score under ablation of each candidate (layer x position). Only the layers
+    that were candidates get a column (on the CPU grid every ``layer_stride``-th layer)."""
+    cells = sorted([int(l), int(p), float(v)] for (l, p), v in scores.items())
+    return _score_heatmap(cells=cells, n_layers=int(n_layers), post_tokens=list(post_tokens),
+                          selected=[int(selected[0]), int(selected[1])], n_val=int(n_val),
+                          max_layer=None if max_layer is None else int(max_layer), layer_stride=int(layer_stride))
+
+
+@_figure("score_heatmap")
+def _score_heatmap(cells, n_layers, post_tokens, selected, n_val, max_layer, layer_stride) -> plt.Figure:
+    layers = sorted({c[0] for c in cells})
+    grid = np.full((len(post_tokens), len(layers)), np.nan)
+    for l, p, v in cells:
+        grid[p, layers.index(l)] = v
+    fig, ax = plt.subplots(figsize=(TWO_COLUMNS, 0.9 + 0.28 * len(post_tokens)), layout="constrained")
+    lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, cmap="PuOr_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.grid(False)
-    excluded = n_layers if max_layer is None else max_layer
-    if excluded < n_layers:
-        ax.axvspan(excluded, n_layers, color="0.92", zorder=0)
-        ax.text((excluded + n_layers) / 2, len(post_tokens) / 2, "last 20%\nnot candidates", ha="center", va="center", fontsize=8)
-    ax.set_xlabel("layer (block input)")
+    if selected[0] in layers:
+        ax.add_patch(plt.Rectangle((layers.index(selected[0]) - 0.5, selected[1] - 0.5), 1, 1, fill=False, lw=1.8, ec="black"))
+    step = max(1, math.ceil(len(layers) / 16))
+    ax.set_xticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+    ax.set_yticks(range(len(post_tokens)), [token_label(i, t) for i, t in enumerate(post_tokens)])
+    grid_note = f"every {layer_stride}th layer" if layer_stride > 2 else ("every 2nd layer" if layer_stride == 2 else "every layer")
+    cut = f"; layers >= {max_layer} of {n_layers} not candidates" if max_layer is not None and max_layer < n_layers else ""
+    ax.set_xlabel(f"layer (block input; candidates: {grid_note}{cut})")
     ax.set_ylabel("post-instruction token")
-    ax.set_title(f"Harmful val refusal score under ablation of each candidate (n={n_val}; box: selected){note}")
+    cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04)
+    cb.set_label("refusal score\n(log-odds of refusal tokens)")
+    ax.set_title(f"Harmful-val refusal score under ablation of each candidate (n={n_val}; box: selected, "
+                 f"layer {selected[0]}, position {selected[1]}; lower = refusal removed)")
     return fig
 
 
-def direction_norms(dirs: torch.Tensor, post_tokens: Sequence[str], n_train: int) -> plt.Figure:
-    """Norm of the difference in means per layer, one line per post-instruction position."""
-    norms = dirs.norm(dim=-1).numpy()  # (layers, positions)
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+def direction_norms(dirs, post_tokens: Sequence[str], n_train: int, selected: tuple[int, int] | None = None,
+                    stream_norms=None) -> plt.Figure:
+    """Norm of the difference in means per layer, one line per post-instruction position. With
+    ``stream_norms`` (layers x positions, the norm of the harmless mean there) the norm is divided by it:
+    the residual stream grows with depth, so a raw norm mostly shows that growth."""
+    norms = np.asarray(dirs.norm(dim=-1) if hasattr(dirs, "norm") else dirs, dtype=float)
+    rel = None
+    if stream_norms is not None:
+        s = np.asarray(stream_norms, dtype=float)
+        rel = np.where(s > 0, norms / np.maximum(s, 1e-30), np.nan)
+    return _direction_norms(norms=(rel if rel is not None else norms).tolist(), relative=rel is not None,
+                            post_tokens=list(post_tokens), n_train=int(n_train),
+                            selected=None if selected is None else [int(selected[0]), int(selected[1])])
+
+
+@_figure("direction_norms")
+def _direction_norms(norms, relative, post_tokens, n_train, selected) -> plt.Figure:
+    a = np.array(norms, dtype=float)  # (layers, positions)
+    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 3.1), layout="constrained")
+    cmap = mpl.colormaps["cividis"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     for p, t in enumerate(post_tokens):
-        ax.plot(norms[:, p], marker="o", ms=3, label=repr(t)[1:-1])
+        ax.plot(range(a.shape[0]), a[:, p], marker=markers[p % len(markers)], ms=2.5, lw=1,
+                color=cmap(p / max(1, len(post_tokens) - 1)), label=token_label(p, t))
+    if selected is not None:
+        l, p = selected
+        ax.plot([l], [a[l, p]], marker="*", ms=11, mfc="none", mec=VERMILLION, mew=1.3, ls="none",
+                label=f"selected (layer {l})")
     ax.set_xlabel("layer (block input)")
-    ax.set_ylabel("||mean(harmful) - mean(harmless)||")
+    ax.set_ylabel("||mean(harmful) - mean(harmless)||" + ("\n/ ||mean(harmless)||" if relative else " (raw)"))
     ax.set_title(f"Difference in means per layer (n={n_train} per class)")
-    ax.legend(title="position", fontsize=8, ncol=2)
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    fig.legend(title="post-instruction position", ncol=3, loc="outside lower center", handlelength=1.5, columnspacing=0.8)
+    ax.set_ylim(bottom=0)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 02
 
 
 def rate_bars(rows: list[dict[str, Any]], title: str) -> plt.Figure:
     """Grouped bars of refusal rates with 95% bootstrap intervals.
     rows: [{"model": ..., "set": ..., "rate": r, "lo": lo, "hi": hi, "n": n}]"""
+    keep = ("model", "set", "rate", "lo", "hi", "n")
+    return _rate_bars(rows=[{k: r[k] for k in keep} for r in rows], title=title)
+
+
+@_figure("rate_bars")
+def _rate_bars(rows, title) -> plt.Figure:
     models = list(dict.fromkeys(r["model"] for r in rows))
     sets = list(dict.fromkeys(r["set"] for r in rows))
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.4))
-    pal = sns.color_palette("deep", len(models))
+    fig, ax = plt.subplots(figsize=(TWO_COLUMNS, 2.6), layout="constrained")
     for i, m in enumerate(models):
-        labelled = False
+        look = model_look(m)
         for j, s in enumerate(sets):
             r = next((x for x in rows if x["model"] == m and x["set"] == s), None)
             if r is None:
                 continue
             x = j + (i - (len(models) - 1) / 2) * width
-            ax.bar(x, r["rate"], width, color=pal[i], label=None if labelled else m)
-            labelled = True
-            ax.errorbar(x, r["rate"], yerr=[[r["rate"] - r["lo"]], [r["hi"] - r["rate"]]], color="black", capsize=3, lw=1)
-            ax.text(x, r["hi"] + 0.02, f"{r['rate']:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(sets)))
-    ax.set_xticklabels([f"{s}\n(n={next(x['n'] for x in rows if x['set'] == s)})" for s in sets])
-    ax.set_ylim(0, 1.12)
+            ax.bar(x, r["rate"], width * 0.92, color=look.color, alpha=0.85, edgecolor="black", linewidth=0.5)
+            # the model's marker at the bar's top: a zero-height bar stays visible
+            ax.plot([x], [r["rate"]], marker=look.marker, color=look.color, mec="black", mew=0.5, ms=4.5, ls="none", zorder=4)
+            ax.errorbar(x, r["rate"], yerr=[[r["rate"] - r["lo"]], [r["hi"] - r["rate"]]], color="black", capsize=2, lw=0.8, zorder=3)
+            ax.text(x, max(r["hi"], r["rate"]) + 0.03, f"{r['rate']:.2f}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(sets)), [f"{s}\n(n={next(x['n'] for x in rows if x['set'] == s)})" for s in sets])
+    ax.set_ylim(-0.02, 1.15)
     ax.set_ylabel("refusal rate (marker judge)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="x", visible=False)
+    fig.legend(handles=_model_handles(models, ls="none", mec="black", mew=0.5), loc="outside right upper")
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 03
+
+LOG_TERMS = ("cov", "mean", "abl", "kd")
+EVAL_TERMS = ("val_refusal_score", "val_kl_harmless", "k1_best_ablated_score")
 
 
 def training_curves(records: dict[str, dict[str, Any]]) -> plt.Figure:
     """Every loss term per step, one panel per term, one line per variant (and the periodic val evals)."""
-    terms = sorted({k for r in records.values() for h in r["history"] for k in h if k not in ("step",)})
-    evals = ["val_refusal_score", "val_kl_harmless", "k1_best_ablated_score"]
-    n = len(terms) + len(evals)
+    slim = {name: {"history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in r["history"]],
+                   "evals": [{k: v for k, v in e.items() if k == "step" or k in EVAL_TERMS} for e in r.get("evals", [])]}
+            for name, r in records.items()}
+    return _training_curves(records=slim)
+
+
+@_figure("training_curves")
+def _training_curves(records) -> plt.Figure:
+    terms = sorted({k for r in records.values() for h in r["history"] for k in h if k != "step"})
+    panels = [(t, "history") for t in terms] + [(t, "evals") for t in EVAL_TERMS
+                                                if any(t in e for r in records.values() for e in r["evals"])]
     cols = 4
-    rows_ = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 2.8 * rows_), squeeze=False)
-    for ax, term in zip(axes.flat, terms + evals):
+    nrows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(TWO_COLUMNS, 1.55 * nrows + 0.45), squeeze=False, layout="constrained")
+    for ax, (term, src) in zip(axes.flat, panels):
         for name, r in records.items():
-            src = r["evals"] if term in evals else r["history"]
-            xs = [h["step"] for h in src if term in h]
-            ys = [h[term] for h in src if term in h]
-            if xs:
-                ax.plot(xs, ys, marker="o" if term in evals else None, ms=3, label=name)
-        ax.set_title(term + (" (val)" if term in evals else ""))
-        ax.set_xlabel("step")
-        if term in ("cov", "mean", "abl", "kd"):
+            pts = [(h["step"], h[term]) for h in r[src] if term in h and h[term] is not None]
+            if not pts:
+                continue
+            look = model_look(name)
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color=look.color, lw=1, marker=look.marker, ms=3 if src == "evals" else 2.5,
+                    markevery=None if src == "evals" else max(1, len(xs) // 6))
+        ax.set_title(term + (" (val)" if src == "evals" else ""))
+        if term in LOG_TERMS:
             ax.set_yscale("symlog", linthresh=1e-4)
-    for ax in list(axes.flat)[n:]:
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=_model_handles(list(records)), loc="outside lower center", ncol=len(records),
+               title="variant (the same colour in every panel)")
     return fig
 
 
@@ -136,45 +413,94 @@ def before_after_table(base: dict[str, Any], results: dict[str, dict[str, Any]])
     return pd.DataFrame(rows).set_index("model")
 
 
-def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float, n: int) -> plt.Figure:
+# ----------------------------------------------------------------------------------------------
+# notebook 04
+
+
+def unattacked_rates(summary: dict[str, Any] | str) -> dict[str, dict[str, Any]]:
+    """Each model's harmful refusal without an attack (K = 0), from the summary's notebook 02/03 sections
+    (``summary``: the summary itself or a profile name)."""
+    if isinstance(summary, str):
+        from .results import read_summary
+
+        summary = read_summary(summary)
+    out = {}
+    if (summary.get("base") or {}).get("refusal_rate_harmful"):
+        out["base"] = summary["base"]["refusal_rate_harmful"]
+    sections = {"defended": summary.get("defended") or {}, **(summary.get("controls") or {}), **(summary.get("named_variants") or {})}
+    for name, res in sections.items():
+        if (res or {}).get("refusal_rate_harmful"):
+            out[name] = res["refusal_rate_harmful"]
+    return out
+
+
+def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float, n: int,
+                 unattacked: dict[str, dict[str, Any]] | None = None) -> plt.Figure:
     """Harmful refusal vs K, one panel per model, one line per estimator: the score proxy (share of prompts
     with a positive refusal score, dashed) and the generated, marker-judged rate with its interval (points).
-    Panels share the K axis; estimators are offset slightly along it so that equal values stay visible."""
-    models = list(sweeps)
-    ests = list(dict.fromkeys(e for m in models for e in sweeps[m]))
-    colors = dict(zip(ests, sns.color_palette("tab10")))
-    shift = {e: 2 ** (0.07 * (i - (len(ests) - 1) / 2)) for i, e in enumerate(ests)}
-    k_all = sorted({int(k) for m in models for r in sweeps[m].values() for k in r["per_k"]} or {1})
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), sharey=True, sharex=True, squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for e, res in sweeps[m].items():
-            ks = sorted(res["per_k"], key=int)
-            c = colors[e]
+    ``unattacked``: each model's rate without an attack, drawn at K = 0. Panels share the K axis;
+    estimators are offset slightly along it so that equal values stay visible."""
+    point = lambda v: {"score_rate": v.get("score_rate"),
+                       **({"refusal_rate_harmful": {k: v["refusal_rate_harmful"][k] for k in ("rate", "lo", "hi", "n")}}
+                          if "refusal_rate_harmful" in v else {})}
+    slim = {m: {e: {str(k): point(v) for k, v in r["per_k"].items()} for e, r in by.items()} for m, by in sweeps.items()}
+    k0 = {m: {k: v[k] for k in ("rate", "lo", "hi", "n")} for m, v in (unattacked or {}).items() if m in sweeps}
+    return _sweep_curves(per_k=slim, threshold=float(threshold), n=int(n), unattacked=k0)
+
+
+@_figure("sweep_curves")
+def _sweep_curves(per_k, threshold, n, unattacked) -> plt.Figure:
+    models = list(per_k)
+    ests = list(dict.fromkeys(e for m in models for e in per_k[m]))
+    shift = {e: 2 ** (0.08 * (i - (len(ests) - 1) / 2)) for i, e in enumerate(ests)}
+    k_all = sorted({int(k) for m in models for r in per_k[m].values() for k in r} or {1})
+    ncol = min(len(models), 4)
+    nrow = math.ceil(len(models) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(TWO_COLUMNS, 2.0 * nrow + 0.8), sharey=True, sharex=True,
+                             squeeze=False, layout="constrained")
+    k0_x = 0.5  # K = 0 sits one octave left of K = 1 on the log axis
+    for ax, m in zip(axes.flat, models):
+        if m in unattacked:
+            u = unattacked[m]
+            ax.errorbar([k0_x], [u["rate"]], yerr=[[u["rate"] - u["lo"]], [u["hi"] - u["rate"]]], fmt=model_look(m).marker,
+                        color="0.35", mfc="white", ms=4.5, capsize=2, lw=0.8)
+        for e, res in per_k[m].items():
+            look = estimator_look(e)
+            ks = sorted(res, key=int)
             x = lambda kk: [int(k) * shift[e] for k in kk]
             if ks:
-                ax.plot(x(ks), [res["per_k"][k]["score_rate"] for k in ks], lw=1, alpha=0.6, color=c, ls="--")
-            gk = [k for k in ks if "refusal_rate_harmful" in res["per_k"][k]]
+                ax.plot(x(ks), [np.nan if res[k]["score_rate"] is None else res[k]["score_rate"] for k in ks],
+                        lw=0.9, alpha=0.7, color=look.color, ls="--")
+            gk = [k for k in ks if "refusal_rate_harmful" in res[k]]
             if gk:
-                r = [res["per_k"][k]["refusal_rate_harmful"] for k in gk]
+                r = [res[k]["refusal_rate_harmful"] for k in gk]
                 y = np.array([v["rate"] for v in r])
                 err = np.array([[v["rate"] - v["lo"] for v in r], [v["hi"] - v["rate"] for v in r]])
-                ax.errorbar(x(gk), y, yerr=err, fmt="o", color=c, ms=4, capsize=2, label=e)
-            else:
-                ax.plot([], [], "o", color=c, label=e)
-        ax.axhline(threshold, color="black", lw=1, ls=":")
+                ax.errorbar(x(gk), y, yerr=err, fmt=look.marker, color=look.color, ms=3.5, capsize=1.5, lw=0.8)
+        ax.axhline(threshold, color="black", lw=0.8, ls=":")
+        ax.axvline(math.sqrt(k0_x), color="0.8", lw=0.6)  # separates the unattacked point from K >= 1
         ax.set_xscale("log", base=2)
-        ax.set_xlim(0.7, max(k_all) * 1.4)
+        ax.set_xlim(0.38, max(k_all) * 1.4)
         ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= max(k_all)]
-        ax.set_xticks(ticks, [str(k) for k in ticks])
-        ax.set_xlabel("K (directions ablated)")
-        ax.set_title(m)
+        ax.set_xticks([k0_x] + ticks, ["0"] + [str(k) for k in ticks])
+        ax.minorticks_off()
+        ax.set_title(m, color=model_look(m).color)
         ax.set_ylim(-0.03, 1.03)
-    axes[0][0].set_ylabel("harmful refusal (test)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(ests), fontsize=8, frameon=False)
-    fig.suptitle(f"Rank-K ablation, weight edit (n={n} harmful test prompts; dashed: share with refusal score > 0, "
-                 f"points: generated rate with 95% CI; dotted: broken below {threshold})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    for ax in axes[-1]:
+        ax.set_xlabel("K (directions ablated)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("harmful refusal (test)")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    k0_n = {u["n"] for u in unattacked.values()}
+    handles = [Line2D([], [], color=estimator_look(e).color, marker=estimator_look(e).marker, ls="none", label=e) for e in ests]
+    handles += [Line2D([], [], color="0.3", ls="--", label="share with refusal score > 0"),
+                Line2D([], [], color="0.3", marker="o", ls="none", label="generated rate, 95% CI"),
+                Line2D([], [], color="0.35", marker="o", mfc="white", ls="none",
+                       label="K = 0: unattacked" + (f" (all {k0_n.pop()} test prompts)" if len(k0_n) == 1 else " (all test prompts)")),
+                Line2D([], [], color="black", ls=":", label=f"broken below {threshold}")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=5)
+    fig.suptitle(f"Rank-K ablation as a weight edit, {n} harmful test prompts", fontsize=8)
     return fig
 
 
@@ -193,62 +519,105 @@ def k_break_frame(k_break: dict[str, Any], estimators: Sequence[str], reached: d
     return pd.DataFrame(rows).T
 
 
+# ----------------------------------------------------------------------------------------------
+# notebook 05
+
+
 def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float, n: dict[str, int]) -> plt.Figure:
     """Per layer and model: effective rank of the excess second moment, linear and MLP probe accuracy, k_chance."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    slim = {m: {str(l): {k: r.get(k) for k in ("effective_rank", "linear_acc", "mlp_acc", "k_chance")} for l, r in by.items()}
+            for m, by in reports.items()}
+    return _probe_layers(reports=slim, threshold=float(threshold), n={k: int(v) for k, v in n.items()})
+
+
+@_figure("probe_layers")
+def _probe_layers(reports, threshold, n) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(TWO_COLUMNS, 2.3), layout="constrained")
     for m, by_layer in reports.items():
+        look = model_look(m)
         ls = sorted(by_layer, key=int)
         x = [int(l) for l in ls]
-        line = axes[0].plot(x, [by_layer[l]["effective_rank"] for l in ls], marker="o", ms=3, label=m)[0]
-        axes[1].plot(x, [by_layer[l]["linear_acc"] for l in ls], marker="o", ms=3, color=line.get_color(), label=f"{m} linear")
-        axes[1].plot(x, [by_layer[l]["mlp_acc"] for l in ls], marker="^", ms=3, ls="--", color=line.get_color(), label=f"{m} MLP")
+        kw = dict(color=look.color, marker=look.marker, ms=2.5, lw=1)
+        axes[0].plot(x, [by_layer[l]["effective_rank"] for l in ls], **kw)
+        axes[1].plot(x, [by_layer[l]["linear_acc"] for l in ls], **kw)
+        axes[1].plot(x, [by_layer[l]["mlp_acc"] for l in ls], ls="--", mfc="white", **{k: v for k, v in kw.items()})
         kc = [by_layer[l]["k_chance"] for l in ls]
-        axes[2].plot(x, [np.nan if k is None else k for k in kc], marker="o", ms=3, color=line.get_color(), label=m)
-    axes[0].set_ylabel("effective rank (participation ratio)")
+        axes[2].plot(x, [np.nan if k is None else k for k in kc], **kw)
+    axes[0].set_ylabel("effective rank\n(participation ratio)")
     axes[1].set_ylabel("held-out probe accuracy")
-    axes[1].axhline(threshold, color="black", lw=1, ls=":")
+    axes[1].axhline(threshold, color="black", lw=0.8, ls=":")
     axes[2].set_ylabel("k_chance")
-    axes[2].set_title(f"INLP directions until linear acc <= {threshold}\n(no point: not reached in the INLP budget)", fontsize=8)
+    axes[0].set_title("excess second moment")
+    axes[1].set_title(f"probes (dotted: {threshold})")
+    axes[2].set_title(f"INLP directions to accuracy <= {threshold}\n(no point: not reached in the INLP budget)")
     for ax in axes:
         ax.set_xlabel("layer (block input)")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles = _model_handles(list(reports)) + [Line2D([], [], color="0.3", label="linear probe"),
+                                               Line2D([], [], color="0.3", ls="--", marker="o", mfc="white", label="MLP probe")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=8)
     return fig
 
 
-def spectra(eigs: dict[str, torch.Tensor], layer_of: dict[str, int], n: int, top: int = 64) -> plt.Figure:
+def spectra(eigs: dict[str, Any], layer_of: dict[str, int], n: int, top: int = 64) -> plt.Figure:
     """Leading eigenvalues of the excess second moment (harmful over harmless), normalised by the largest."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.3))
+    vals = {m: [max(float(v), 0.0) for v in list(ev)[:top]] for m, ev in eigs.items()}
+    return _spectra(eigs=vals, layer_of={m: int(v) for m, v in layer_of.items()}, n=int(n))
+
+
+@_figure("spectra")
+def _spectra(eigs, layer_of, n) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 2.5), layout="constrained")
+    top = max((len(v) for v in eigs.values()), default=0)
     for m, ev in eigs.items():
-        ev = ev[:top].clamp_min(0).numpy()
-        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0], 1e-12), marker="o", ms=2.5, label=f"{m} (layer {layer_of[m]})")
+        look = model_look(m)
+        ev = np.array(ev, dtype=float)
+        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0], 1e-12), color=look.color, marker=look.marker, ms=2.5, lw=1,
+                markevery=max(1, len(ev) // 12), label=f"{m} (layer {layer_of[m]})")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue / largest")
-    ax.legend(fontsize=7)
-    ax.set_title(f"Spectrum of the excess second moment (train split, pooled, n={n})", fontsize=9)
-    fig.tight_layout()
+    ax.legend()
+    ax.set_title(f"Excess second moment, top {top} eigenvalues\n(train split, pooled, n={n})")
     return fig
 
 
 def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: float, n: dict[str, int]) -> plt.Figure:
     """Linear probe accuracy vs directions removed, one panel per model, one line per basis."""
+    slim = {m: {b: {str(k): float(v) for k, v in c.items()} for b, c in by.items()} for m, by in curves.items()}
+    return _removal_curves(curves=slim, threshold=float(threshold), n={k: int(v) for k, v in n.items()})
+
+
+@_figure("removal_curves")
+def _removal_curves(curves, threshold, n) -> plt.Figure:
     models = list(curves)
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), sharey=True, squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for name, c in curves[m].items():
+    bases = list(dict.fromkeys(b for m in models for b in curves[m]))
+    ncol = min(len(models), 4)
+    nrow = math.ceil(len(models) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(TWO_COLUMNS, 1.9 * nrow + 0.7), sharey=True, sharex=True,
+                             squeeze=False, layout="constrained")
+    for ax, m in zip(axes.flat, models):
+        for b, c in curves[m].items():
+            look = estimator_look(b)
             ks = sorted(c, key=int)
-            ax.plot([int(k) for k in ks], [c[k] for k in ks], marker="o", ms=3, label=name)
-        ax.axhline(threshold, color="black", lw=1, ls=":")
+            ax.plot([int(k) for k in ks], [c[k] for k in ks], color=look.color, marker=look.marker, ms=2.5, lw=1)
+        ax.axhline(threshold, color="black", lw=0.8, ls=":")
         ax.set_xscale("symlog", base=2, linthresh=1)
+        k_max = max((int(k) for c in curves[m].values() for k in c), default=1)
+        ticks = [0] + [2 ** i for i in range(0, 12) if 2 ** i <= k_max]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(m, color=model_look(m).color)
+    for ax in axes[-1]:
         ax.set_xlabel("directions removed")
-        ax.set_title(m)
-    axes[0][0].set_ylabel("linear probe accuracy (held out)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=9)
-    fig.tight_layout()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("linear probe accuracy\n(held out)")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=estimator_look(b).color, marker=estimator_look(b).marker, label=b) for b in bases]
+    handles.append(Line2D([], [], color="black", ls=":", label=f"chance level used for k_chance ({threshold})"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), title="basis removed")
+    fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=8)
     return fig
 
 
@@ -256,56 +625,87 @@ def term_vs_floor(records: dict[str, dict[str, Any]]) -> plt.Figure:
     """Each moment variant's matched term per step beside its noise floor (the same term on two halves of
     the harmless class), one panel per variant: a term that falls into the band of its floor has matched
     the classes as far as its estimate can tell."""
-    rows = [(n, r, "cov" if r["variant"].get("lambda_cov") else "mean") for n, r in records.items()
-            if r["variant"].get("lambda_cov") or r["variant"].get("lambda_mean")]
-    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(4.2 * max(1, len(rows)), 3.0), squeeze=False)
-    for ax, (name, r, key) in zip(axes.flat, rows):
+    rows = []
+    for name, r in records.items():
+        v = r["variant"]
+        if not (v.get("lambda_cov") or v.get("lambda_mean")):
+            continue
+        key = "cov" if v.get("lambda_cov") else "mean"
         h = [x for x in r["history"] if key in x]
-        ax.plot([x["step"] for x in h], [x[key] for x in h], label=f"L_{key} (harmful vs harmless)")
         hn = [x for x in h if f"{key}_null" in x]
-        ax.plot([x["step"] for x in hn], [x[f"{key}_null"] for x in hn], color="0.55", lw=0.8,
-                label="same term, two halves of harmless (noise floor)")
+        rows.append({"name": name, "key": key, "steps": [x["step"] for x in h], "term": [x[key] for x in h],
+                     "null_steps": [x["step"] for x in hn], "null": [x[f"{key}_null"] for x in hn]})
+    return _term_vs_floor(rows=rows)
+
+
+@_figure("term_vs_floor")
+def _term_vs_floor(rows) -> plt.Figure:
+    n = max(1, len(rows))
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(TWO_COLUMNS if n > 1 else ONE_COLUMN, 1.9 * nrow + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax, r in zip(axes.flat, rows):
+        look = model_look(r["name"])
+        ax.plot(r["steps"], r["term"], color=look.color, marker=look.marker, ms=2.5, lw=1,
+                markevery=max(1, len(r["steps"]) // 6))
+        ax.plot(r["null_steps"], r["null"], color=GREY, lw=0.9, ls="--")
         ax.axhline(0, color="0.3", lw=0.6)
-        ax.set_title(f"{name}: L_{key}")
+        ax.set_title(f"{r['name']}: L_{r['key']}", color=look.color)
         ax.set_xlabel("step")
-    if not rows:
-        axes.flat[0].axis("off")
-    else:
-        axes.flat[0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    if rows:
+        fig.legend(handles=[Line2D([], [], color="0.2", marker="o", ms=2.5, label="the term: harmful vs harmless"),
+                            Line2D([], [], color=GREY, ls="--", label="same term, two halves of harmless (noise floor)")],
+                   loc="outside lower center", ncol=2)
     return fig
 
 
 def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: float,
                      paper_k: dict[str, float]) -> plt.Figure:
-    """Per variant, the attack screen's generated harmful refusal rate against prompt passes: the
-    re-selected K=1 attack, each iterated round and each dim-svd K (left), and the screen's K_break with
-    the paper's K values as reference lines (right)."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
-    names = sorted(budget)
-    for i, name in enumerate(names):
+    """Per variant, the attack screen against prompt passes: the re-selected K=1 attack's generated harmful
+    refusal rate beside the unattacked one (left), and the screen's K_break with the paper's K values as
+    reference lines (right)."""
+    series = {}
+    for name in sorted(budget):
         pts = sorted(budget[name].values(), key=lambda e: e["prompt_passes"])
-        xs = [e["prompt_passes"] for e in pts]
-        ys = [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else np.nan for e in pts]
-        ax.plot(xs, ys, marker="o", label=f"{name}: K=1 re-selected", color=f"C{i}")
-        own = [e.get("refusal_rate_harmful", {}).get("rate", np.nan) for e in pts]
-        ax.plot(xs, own, ls=":", color=f"C{i}", label=f"{name}: unattacked")
-        kb = [(e["screen"] or {}).get("k_break") for e in pts]
         top = max((max(e["screen"]["k_screened"]) for e in pts if e.get("screen")), default=1)
-        ax2.plot(xs, [k if k is not None else top + 1 for k in kb], marker="s", color=f"C{i}", label=name)
+        series[name] = {
+            "passes": [e["prompt_passes"] for e in pts],
+            "k1": [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else None for e in pts],
+            "unattacked": [(e.get("refusal_rate_harmful") or {}).get("rate") for e in pts],
+            "k_break": [(e.get("screen") or {}).get("k_break") for e in pts], "top": top}
+    return _screen_vs_budget(series=series, threshold=float(threshold), paper_k={k: float(v) for k, v in paper_k.items()})
+
+
+@_figure("screen_vs_budget")
+def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(TWO_COLUMNS, 2.6), layout="constrained")
+    nan = lambda v: np.nan if v is None else v
+    for name, d in series.items():
+        look = model_look(name)
+        ax.plot(d["passes"], [nan(v) for v in d["k1"]], color=look.color, marker=look.marker, ms=3.5, lw=1)
+        ax.plot(d["passes"], [nan(v) for v in d["unattacked"]], color=look.color, marker=look.marker, mfc="white",
+                ms=3.5, lw=0.9, ls=":")
+        ax2.plot(d["passes"], [k if k is not None else d["top"] + 1 for k in d["k_break"]], color=look.color,
+                 marker=look.marker, ms=3.5, lw=1)
     ax.axhline(threshold, color="0.3", ls="--", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt passes")
     ax.set_ylabel("harmful refusal (generated)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"re-selected K = 1 attack (dashed: broken below {threshold})")
     for label, k in paper_k.items():
-        ax2.axhline(k, color="0.5", ls=":", lw=0.8)
-        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=7, color="0.35", va="bottom")
+        ax2.axhline(k, color="0.6", ls=":", lw=0.8)
+        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=6, color="0.35", va="bottom")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log", base=2)
     ax2.set_xlabel("prompt passes")
     ax2.set_ylabel("screen K_break (top: none broke)")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    ax2.set_title("cheapest K that broke the model in the screen")
+    handles = _model_handles(list(series)) + [
+        Line2D([], [], color="0.3", marker="o", label="under the attack"),
+        Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     return fig

@@ -102,18 +102,38 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def save_artifact(cfg: dict[str, Any], name: str, obj: Any) -> Path:
-    """Save a small object (``torch.save``) beside the summary, e.g. the selected direction."""
+ARTIFACT_SUFFIX = ".safetensors"
+
+
+def save_artifact(cfg: dict[str, Any], name: str, obj: dict[str, Any]) -> Path:
+    """Save a small dict beside the summary (e.g. the selected direction) as safetensors: its tensors as
+    tensors, its other values (ints, strings, lists) as JSON in the file's metadata. A safetensors file
+    holds no code, so loading a committed one runs none (a pickle would)."""
+    from safetensors.torch import save_file
+
+    if not name.endswith(ARTIFACT_SUFFIX):
+        raise ValueError(f"artifact {name!r}: results/ holds tensors as {ARTIFACT_SUFFIX} files")
     p = results_dir(cfg["profile"]) / name
-    torch.save(obj, p)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    values = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"values": json.dumps(values, sort_keys=True, default=_jsonable)})
+    tmp.chmod(0o644)
+    os.replace(tmp, p)
     return p
 
 
-def load_artifact(cfg: dict[str, Any], name: str, produced_by: str) -> Any:
+def load_artifact(cfg: dict[str, Any], name: str, produced_by: str) -> dict[str, Any]:
+    """The dict :func:`save_artifact` wrote (tensors and values), read without unpickling anything."""
+    from safetensors import safe_open
+
     p = results_dir(cfg["profile"]) / name
     if not p.is_file():
         raise FileNotFoundError(f"{p} is missing: run notebook {produced_by} for profile {cfg['profile']!r} first.")
-    return torch.load(p, weights_only=False)
+    with safe_open(str(p), framework="pt") as fh:
+        out: dict[str, Any] = json.loads((fh.metadata() or {}).get("values", "{}"))
+        out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
 
 
 def run_cache(cfg: dict[str, Any], *parts: str) -> Path:

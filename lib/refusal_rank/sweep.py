@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ablation import orthonormalize
 from .activations import Ablation, chat_texts, collect_residuals, encode, run_interventions

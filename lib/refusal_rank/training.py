@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .activations import Ablation, encode, run_interventions
 from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, prompt_lm_loss

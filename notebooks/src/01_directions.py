@@ -14,7 +14,7 @@
 # The refusal score of a prompt is $\log p_R - \log(1-p_R)$ at the last prompt position, $p_R$ the
 # next-token probability of the family's refusal first tokens (e.g. "I", "As").
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 
 # %%
@@ -51,10 +51,9 @@ pd.DataFrame(tv.report).T
 # %%
 sel, dirs = P.discover_direction(cfg, bundle, tv)
 stride = cfg["directions"]["layer_stride"]
-note = f"\n(CPU grid: every {stride}nd layer, blank = not a candidate)" if stride > 1 else ""
 max_layer = int(bundle.n_layers * (1 - cfg["directions"]["drop_last_frac"]))
 fig = plotting.score_heatmap(sel.scores, bundle.n_layers, bundle.post_tokens, (sel.layer, sel.position),
-                             len(tv.harmful_val), note, max_layer)
+                             len(tv.harmful_val), max_layer=max_layer, layer_stride=stride)
 plotting.save(fig, cfg, "01_2_refusal_score_heatmap")
 
 # %%
@@ -65,22 +64,24 @@ pd.DataFrame(sel.checked)
 
 # %% [markdown]
 # ## 3 · Where the difference lives
-# The norm of the difference in means grows through the middle layers: the harmful/harmless distinction
-# is written into the stream progressively.
+# The norm of the difference in means, relative to the norm of the harmless mean at the same layer and
+# position (the residual stream itself grows with depth): where the harmful/harmless distinction is
+# written into the stream. The star marks the selected candidate.
 
 # %%
-fig = plotting.direction_norms(dirs, bundle.post_tokens, len(tv.harmful_train))
+stream = P.mean_residuals(cfg, bundle, tv.harmless_train, "harmless train acts").norm(dim=-1)  # cached in section 2
+fig = plotting.direction_norms(dirs, bundle.post_tokens, len(tv.harmful_train), (sel.layer, sel.position), stream)
 plotting.save(fig, cfg, "01_3_direction_norms")
 
 # %% [markdown]
 # ## 4 · Save the direction and measure speed
-# The selected direction goes to `results/<profile>/direction.pt` for the next notebooks. The throughput of
+# The selected direction goes to `results/<profile>/direction.safetensors` for the next notebooks. The throughput of
 # the batched forward pass (all layers read through nnsight) is reported against the machine's own bf16
 # matrix-product peak, measured now: machines of one kind differ by up to 5x.
 
 # %%
-save_artifact(cfg, "direction.pt", {"layer": sel.layer, "position": sel.position, "direction": sel.direction,
-                                    "all_directions": dirs.float()})
+save_artifact(cfg, "direction.safetensors", {"layer": sel.layer, "position": sel.position, "direction": sel.direction,
+                                             "all_directions": dirs.float(), "harmless_mean_norm": stream.float()})
 speed = P.forward_throughput(cfg, bundle, tv.harmful_train[:cfg["eval"]["fwd_batch_size"]])
 print(speed)
 

@@ -14,7 +14,7 @@
 # each with a 95% bootstrap interval. Utility: first-token KL(original ‖ model) on harmless test prompts,
 # and the cross-entropy of each model on the original model's own harmless completions.
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 
 # %%
@@ -35,7 +35,7 @@ from refusal_rank.results import timing, load_artifact, run_cache, update_summar
 t0 = time.perf_counter()
 cfg = load_config(profile)
 bundle = load_model(cfg)
-found = load_artifact(cfg, "direction.pt", "01_directions")
+found = load_artifact(cfg, "direction.safetensors", "01_directions")
 r = found["direction"]
 basis = (r / r.norm())[:, None]
 sets = P.test_sets(cfg)

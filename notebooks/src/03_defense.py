@@ -49,7 +49,7 @@
 # stays constant, so each snapshot is a model trained at one rate for that many passes. Long runs happen
 # outside the notebook (`python tools/train_variant.py --plan`, resumable); this notebook reuses them.
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 variants = None  # None: the profile's [defense] run (else every variant of [defense.variants])
 

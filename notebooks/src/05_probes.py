@@ -50,7 +50,7 @@
 # defence matches) at every probed layer, the last 20% included; the last-token probe reads the final template
 # token alone.
 
-# %% parameters
+# %% tags=["parameters"]
 profile = None  # None: $REFUSAL_RANK_PROFILE or "cpu"
 models = None  # None: every model of the profile's [sweep] models
 
