@@ -90,7 +90,7 @@ def main() -> None:
     prompts = [p.text for p in D.split_prompts("harmful_test", n // 2 + n % 2, cfg["seed"], per_source=True)][:n]
     from refusal_rank.results import load_artifact
 
-    found = load_artifact(cfg, "direction.pt", "01_directions")
+    found = load_artifact(cfg, "direction.safetensors", "01_directions")
     u = (found["direction"] / found["direction"].norm()).double()[:, None]
     with torch.inference_mode():  # warm-up of both paths
         enc = encode(bundle, prompts[:2])

@@ -188,7 +188,7 @@ def cached_targets(cfg: dict[str, Any]) -> dict[str, list[int]]:
     from .results import load_artifact
 
     try:
-        direction = load_artifact(cfg, "direction.pt", "01_directions")["direction"]
+        direction = load_artifact(cfg, "direction.safetensors", "01_directions")["direction"]
     except FileNotFoundError:
         return {}
     got = load_cached(_targets_path(cfg, direction))

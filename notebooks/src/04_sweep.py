@@ -71,7 +71,7 @@ base = load_model(cfg)
 sets = P.test_sets(cfg)
 base_harmless = P.completions(cfg, base, sets.harmless, desc="original harmless")
 ce_ref = S.ce_reference(cfg, sets.harmless, base_harmless)
-targets = S.attack_targets(cfg, base, load_artifact(cfg, "direction.pt", "01_directions")["direction"]) if "optimized" in estimators else {}
+targets = S.attack_targets(cfg, base, load_artifact(cfg, "direction.safetensors", "01_directions")["direction"]) if "optimized" in estimators else {}
 print(f"compliant targets for the optimised attacker: {len(targets)} prompts")
 del base
 sweeps, ce_plain = {}, {}
