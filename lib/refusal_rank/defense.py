@@ -77,6 +77,11 @@ def _per_site(z: torch.Tensor) -> torch.Tensor:
     return z.float().transpose(0, 1)
 
 
+def _total_variance(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased tr(Sigma) per site of (S, n, d) samples: the spread every scale-free term divides by."""
+    return (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)) / (x.shape[1] - 1)
+
+
 def class_mean_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unbiased estimates, per site, of ||mu_h - mu_o||^2 and of tr(Sigma_h) + tr(Sigma_o).
 
@@ -94,8 +99,7 @@ def class_mean_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[t
     oo = _offdiag_mean(B @ B.transpose(1, 2))
     ho = (A @ B.transpose(1, 2)).mean((1, 2))
     gap = hh + oo - 2 * ho
-    var = lambda X, k: (X - X.mean(1, keepdim=True)).pow(2).sum((1, 2)) / (k - 1)
-    return gap, var(A, n) + var(B, m)
+    return gap, _total_variance(A) + _total_variance(B)
 
 
 def _pair_differences(x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,7 @@ def class_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[to
     uu = _offdiag_mean((U @ U.transpose(1, 2)).pow(2))
     vv = _offdiag_mean((V @ V.transpose(1, 2)).pow(2))
     uv = (U @ V.transpose(1, 2)).pow(2).mean((1, 2))
-    var = lambda X, k: (X - X.mean(1, keepdim=True)).pow(2).sum((1, 2)) / (k - 1)
-    return uu + vv - 2 * uv, ((var(A, n) + var(B, m)) / 2).pow(2)
+    return uu + vv - 2 * uv, ((_total_variance(A) + _total_variance(B)) / 2).pow(2)
 
 
 def mean_matching_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:

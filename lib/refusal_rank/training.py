@@ -296,9 +296,9 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
     eigenvalue at an unchanged total variance."""
     from .defense import class_mean_gap, cov_matching_loss, excess_top_eig, mean_matching_loss, null_split
 
-    mode = variant.moment_sites if (variant.lambda_cov or variant.lambda_mean) else "pooled"
-    v = Variant(variant.name, moment_sites=mode, moment_depth=variant.moment_depth if mode != "pooled" or variant.lambda_cov
-                or variant.lambda_mean else 1.0)
+    matched = bool(variant.lambda_cov or variant.lambda_mean)  # else: every layer, pooled (the default sites)
+    mode = variant.moment_sites if matched else "pooled"
+    v = Variant(variant.name, moment_sites=mode, moment_depth=variant.moment_depth if matched else 1.0)
     m_layers, std = moment_sites(bundle, v, teacher, layers)
     was = bundle.model.training
     bundle.model.eval()
