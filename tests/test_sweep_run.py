@@ -288,7 +288,11 @@ def test_reading_follows_the_table():
     lines = S.reading(kb)
     assert "misses" in lines[1] and "does not raise" in lines[-1]
     kb.update(defended_star=None)
-    assert "not broken in the grid (meets" in S.reading(kb)[1]
+    kb["defended"] = {"iterated": None}
+    assert "not broken in the grid (up to K = 16) (meets" in S.reading(kb, reached={"defended": {"iterated": 16}})[1]
+    # not broken, but the walk stopped below the target: no claim either way
+    assert "cannot tell" in S.reading(kb, reached={"defended": {"iterated": 4}})[1]
+    assert "cannot tell" in S.reading(kb)[1]
     kb["base"] = {"iterated": 1, "optimized": 2}
     assert "larger than iterated (K = 1)" in S.reading(kb)[-1]
     assert S.optimized_check(kb) == {"k_break": 2, "others_min": 1, "strongest": False}

@@ -36,19 +36,35 @@ def resolve_profile_name(name: str | None = None) -> str:
     return name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
 
 
-def load_config(name: str | None = None) -> dict[str, Any]:
-    """Load a profile's config as a dict; unknown names fail with the list of known ones."""
-    name = resolve_profile_name(name)
-    path = CONFIG_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ProfileError(
-            f"Unknown profile {name!r}: choose one of {', '.join(available_profiles())} "
-            f"(config files live in {CONFIG_DIR})."
-        )
-    with path.open("rb") as fh:
-        cfg = tomllib.load(fh)
-    if cfg.get("profile") != name:
+def load_config(name: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Load a profile's config as a dict; unknown names fail with the list of known ones. ``name`` may
+    also be the path of a ``.toml`` file (a test's synthetic profile). The file is validated against
+    :mod:`refusal_rank.config_schema` before anything else reads it: a typo, a wrong type, an
+    out-of-range value or a size larger than its pool is a :class:`ProfileError` of one sentence naming
+    the file, the dotted key and what is allowed."""
+    from .config_schema import validate
+
+    if isinstance(name, os.PathLike) or (isinstance(name, str) and name.endswith(".toml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ProfileError(f"Config file {path} does not exist.")
+        name = None
+    else:
+        name = resolve_profile_name(name)
+        path = CONFIG_DIR / f"{name}.toml"
+        if not path.is_file():
+            raise ProfileError(
+                f"Unknown profile {name!r}: choose one of {', '.join(available_profiles())} "
+                f"(config files live in {CONFIG_DIR})."
+            )
+    try:
+        with path.open("rb") as fh:
+            cfg = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path} is not valid TOML: {str(e).rstrip('.')}.") from None
+    if name is not None and cfg.get("profile") != name:
         raise ProfileError(f"{path} declares profile={cfg.get('profile')!r}, expected {name!r}.")
+    validate(cfg, path)  # a ConfigError (a ProfileError) of one sentence
     cfg["_path"] = str(path)
     if cfg.get("model", {}).get("dtype") == "auto":
         from .bench import preferred_cpu_dtype

@@ -127,7 +127,11 @@ def headline_table(s: dict[str, Any]) -> str:
         if m.endswith("_star"):
             continue
         star = kb.get(m + "_star")
-        star_s = str(star) if star is not None else f"> {min((reached(m, e) for e in v), default='?')}"
+        unbroken = [reached(m, e) for e, k in v.items() if k is None]
+        short = [r for r in unbroken if isinstance(r, int) and star is not None and r < star]
+        # an estimator that stopped unbroken below the cheapest break leaves K*_break anywhere up to it
+        star_s = (f"<= {star}" if short or "?" in unbroken else str(star)) if star is not None else \
+            f"> {min(unbroken, key=lambda r: (not isinstance(r, int), r if isinstance(r, int) else 0), default='?')}"
         lines.append(f"| {m} | " + " | ".join(fmt(v.get(e), m, e) if e in v else "" for e in ests)
                      + f" | **{star_s}** | {ce_at_star(det.get(m, {}), star)} ({fmt_mean(ce0.get(m))}) | {PAPER_K.get(m, '')} |")
     thr = s.get("sweep_config", {}).get("threshold", 0.30)

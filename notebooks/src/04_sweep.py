@@ -163,7 +163,7 @@ coherence  # CE on the original's harmless completions: unablated, and under eac
 # judge still reads as refusals at 256 tokens. Notebook 05 asks whether the signal spread at all.
 
 # %%
-for line in S.reading(kb):
+for line in S.reading(kb, reached=reached):
     print("-", line)
 opt_check = S.optimized_check(kb)
 opt_check

@@ -1,0 +1,87 @@
+"""Issue 18, "nothing silent": one test per defect found by trying the tiny profile as a hostile but
+honest user would. Each of these failed on the code before the fix. Fast: synthetic configs, tmp dirs,
+fake notebooks; the tiny model only where a cache key or a checkpoint needs one."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import refusal_rank.config as C
+from refusal_rank.config import ProfileError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (ROOT / "configs" / "tiny.toml").read_text()
+
+
+# ---- 1. a validated config: bad values stop at load with one sentence (file, dotted key, range) ----------
+
+def _profile(tmp_path: Path, monkeypatch, old: str, new: str) -> Path:
+    """A copy of configs/tiny.toml with one edit, as the profile 'tiny' of a private config dir."""
+    assert old in TINY, old
+    d = tmp_path / "configs"
+    d.mkdir(exist_ok=True)
+    (d / "tiny.toml").write_text(TINY.replace(old, new, 1))
+    monkeypatch.setattr(C, "CONFIG_DIR", d)
+    return d / "tiny.toml"
+
+
+BAD_CONFIGS = [  # (what the issue found, the edit, the dotted key and the allowed range the sentence must name)
+    ("typo ignored", "iterated_k_max = 2", "iterated_kmax = 2", r"unknown key sweep\.iterated_kmax \(did you mean sweep\.iterated_k_max\?\)"),
+    ("negative batch size", "fwd_batch_size = 8", "fwd_batch_size = -8", r"eval\.fwd_batch_size = -8 .*integer >= 1"),
+    ("zero batch size", "gen_batch_size = 8", "gen_batch_size = 0", r"eval\.gen_batch_size = 0 .*integer >= 1"),
+    ("threshold outside (0, 1)", "threshold = 0.30", "threshold = -0.1", r"sweep\.threshold = -0\.1 .*number in \(0, 1\)"),
+    ("wrong type", "threshold = 0.30", 'threshold = "0.3"', r"sweep\.threshold = \"0\.3\" .*number in \(0, 1\)"),
+    ("empty grid", "k_grid = [1, 2, 3, 4]", "k_grid = []", r"sweep\.k_grid = \[\] .*strictly increasing list"),
+    ("unsorted grid", "k_grid = [1, 2, 3, 4]", "k_grid = [1, 4, 2]", r"sweep\.k_grid = \[1, 4, 2\] .*strictly increasing"),
+    ("n_train above its pool", "n_train = 12", "n_train = 40", r"data\.n_train = 40 .*\[1, data\.train_pool = 16\]"),
+    ("unknown estimator", '"iterated", "dim-svd"', '"iteratd", "dim-svd"', r"sweep\.estimators = .*\"iteratd\" is not"),
+    ("unknown variant in run", 'run = ["defended"', 'run = ["defendd"', r"defense\.run = .*'defendd' is not"),
+    ("unknown variant in budget_curve", 'budget_curve = ["kl_only"', 'budget_curve = ["klonly"', r"defense\.budget_curve = .*'klonly' is not"),
+    ("unknown sweep model", 'models = ["base", "defended"', 'models = ["base", "defnded"', r"sweep\.models = .*'defnded' is not"),
+    ("non-integer size", "n_val = 8", "n_val = 7.5", r"data\.n_val = 7\.5 .*an integer"),
+    ("bad choice", 'gen_engine = "fast"', 'gen_engine = "fastest"', r"eval\.gen_engine = \"fastest\" .*one of 'fast', 'hf'"),
+]
+
+
+@pytest.mark.parametrize("what,old,new,message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_config_stops_at_load_with_one_sentence(tmp_path, monkeypatch, what, old, new, message):
+    path = _profile(tmp_path, monkeypatch, old, new)
+    with pytest.raises(ProfileError, match=message) as e:
+        load_config("tiny")
+    text = str(e.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text and text.endswith(".")
+
+
+def test_every_profile_satisfies_the_schema():
+    for name in ("tiny", "cpu", "cpu-small", "paper"):
+        assert load_config(name)["profile"] == name
+
+
+def test_size_larger_than_the_recorded_split_stops_at_load(tmp_path, monkeypatch):
+    # the pool may be larger than the split (it is capped), but n_train may not exceed what the split holds
+    _profile(tmp_path, monkeypatch, "train_pool = 16\nn_train = 12", "train_pool = 400\nn_train = 300")
+    with pytest.raises(ProfileError, match=r"data\.n_train = 300 .*\[1, 200\] \(data/splits\.json"):
+        load_config("tiny")
+
+
+# ---- 2. the reading never claims more than the K reached -------------------------------------------------
+
+def test_reading_does_not_claim_the_target_beyond_the_k_reached():
+    from refusal_rank import sweep_run as S
+
+    # threshold = -0.1: nothing breaks, on a grid that stops at K = 4
+    kb = {"base": {"iterated": None, "dim-svd": None}, "base_star": None,
+          "defended": {"iterated": None, "dim-svd": None}, "defended_star": None}
+    reached = {m: {"iterated": 2, "dim-svd": 4} for m in ("base", "defended")}
+    line = [l for l in S.reading(kb, reached=reached) if l.startswith("defended:")][0]
+    assert "(meets the paper" not in line and "cannot tell" in line and "K = 2" in line
+    reached["defended"] = {"iterated": 16, "dim-svd": 32}
+    assert "(meets the paper's >= 16)" in S.reading(kb, reached=reached)[1]
+    # one estimator broke at 20, another stopped unbroken at 4: K*_break could be anywhere in 5..20
+    kb["defended"] = {"iterated": None, "dim-svd": 20}
+    kb["defended_star"] = 20
+    reached["defended"] = {"iterated": 4, "dim-svd": 20}
+    assert "cannot tell" in S.reading(kb, reached=reached)[1]
