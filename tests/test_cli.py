@@ -77,7 +77,8 @@ def test_figures_redraws_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(C, "REPO_ROOT", tmp_path)
     cfg = {"profile": "tiny"}
     F.save(F.rate_bars([{"model": "base", "set": "harmful", "rate": 0.0, "lo": 0.0, "hi": 0.1, "n": 8}], "rates"), cfg, "02_4_refusal_rates")
-    F.save(F.spectra({"base": [3.0, 1.0, 0.5]}, {"base": 2}, 8), cfg, "05_2_spectra")
+    F.save(F.probe_spectra({"base": [3.0, 1.0, 0.5]}, {"base": {"vals": [2.0, 0.4, -0.1], "edge": 0.5}}, {"base": 2}, 8),
+           cfg, "05_2_spectra")
     before = {p.name: p.read_bytes() for p in (tmp_path / "figures" / "tiny").iterdir()}
     for p in (tmp_path / "figures" / "tiny").iterdir():
         p.unlink()

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from refusal_rank import config as C  # noqa: E402
 from refusal_rank import plotting as F  # noqa: E402
+from refusal_rank import probe_run as R  # noqa: E402
 
 MODELS = ["base", "defended", "kl_only", "ablation_aware"]
 ESTS = ["iterated", "dim-svd", "pca-centered", "cov-diff", "inlp", "optimized"]
@@ -36,6 +37,23 @@ def rate(r, n=80):
     return {"rate": r, "lo": max(0.0, r - 0.1), "hi": min(1.0, r + 0.1), "n": n}
 
 
+# notebook 05's numbers, shaped as probe_run.probe_model returns them (int layer keys; k_erase None where the
+# budget was not enough)
+PROBE_N = {"train": 48, "test": 36, "train_by_source": {"advbench": 8}, "overrefusal": 8}
+ci = lambda a, n: {"acc": a, "lo": a - 0.1, "hi": min(1.0, a + 0.05), "n": n}
+REPORTS = {m: {l: {"linear_acc": 0.9 - 0.02 * j, "linear_ci": {"acc": 0.9, "lo": 0.8, "hi": 0.95, "n": 36},
+                   "mlp_acc": 0.85, "separability": 0.0 if l == 1 else 2.0 + l, "k_erase": None if l == 3 else 1,
+                   "k_erase_budget": 4, "whitened": {"rank": 1.0 + 0.1 * l, "n_sig": l, "edge": 0.5, "top": [3.0, 1.0]},
+                   "effective_rank": 1.5, "top_eigvals": [5.0, 1.0],
+                   "by_source": {"advbench": ci(0.9, 6), "harmbench": ci(0.8, 6), "harmless": ci(0.95, 18)},
+                   "transfer": {"by_source": {"harmbench": ci(0.7, 6), "harmless": ci(0.9, 18)},
+                                "overrefusal_as_harmless": ci(0.6, 8)}} for l in (1, 2, 3)}
+           for j, m in enumerate(MODELS)}
+LAST_TOKEN = {m: {"linear_acc": 0.9, "by_layer": {str(l): 0.7 + 0.05 * l for l in (1, 2, 3)}} for m in MODELS}
+SHARES = {m: {e: {str(k): {"held": 0.9 / k, "remains": 0.2 * k} for k in (1, 2, 4)} for e in ESTS} for m in MODELS}
+BY_SOURCE = {m: R.by_source_rows(REPORTS[m][2]) for m in MODELS}
+
+
 def draw_all(cfg) -> dict[str, object]:
     """Every figure of the series from synthetic values, saved the way the notebooks save them."""
     post = ["<|end|>", "\n", "<|assistant|>", "\n"]
@@ -49,8 +67,6 @@ def draw_all(cfg) -> dict[str, object]:
                                                  {"step": 5, "val_refusal_score": 0.5}]} for j, m in enumerate(MODELS[1:])}
     per_k = lambda b: {1: {"score_rate": 0.1 * b, "refusal_rate_harmful": rate(0.1 * b)}, 2: {"score_rate": 0.05}}
     sweeps = {m: {e: {"per_k": per_k(i)} for i, e in enumerate(ESTS)} for m in MODELS}
-    reports = {m: {l: {"effective_rank": 1.0 + l, "linear_acc": 0.9, "mlp_acc": 0.8, "k_chance": None if l else 3,
-                       "top_eigvals": [1.0]} for l in (0, 2, 4)} for m in MODELS}
     moments = {m: {"variant": {"lambda_cov": 1.0} if j else {"lambda_mean": 1.0},
                    "history": [{"step": i, "cov": 1 / (i + 1), "cov_null": 0.1, "mean": 0.5, "mean_null": 0.2} for i in range(5)]}
                for j, m in enumerate(MODELS[1:])}
@@ -65,10 +81,14 @@ def draw_all(cfg) -> dict[str, object]:
         "03_2_terms_vs_floor": F.term_vs_floor(moments),
         "03_3_screen_vs_budget": F.screen_vs_budget(budget, 0.3, {"paper: instruct (1)": 1, "paper (16)": 16}),
         "04_1_refusal_vs_k": F.sweep_curves(sweeps, 0.3, 80, {m: rate(0.7) for m in MODELS}),
-        "05_1_probes_per_layer": F.probe_layers(reports, 0.6, {"train": 32, "test": 16}),
-        "05_2_spectra": F.spectra({m: torch.linspace(5, 0.1, 20) for m in MODELS}, {m: 2 for m in MODELS}, 32),
+        "05_1_probes_per_layer": F.probes_per_layer(REPORTS, LAST_TOKEN, 0.6, PROBE_N),
+        "05_2_spectra": F.probe_spectra({m: torch.linspace(5, 0.1, 20) for m in MODELS},
+                                        {m: {"vals": torch.linspace(3, -0.2, 16), "edge": 0.5} for m in MODELS},
+                                        {m: 2 for m in MODELS}, 32),
         "05_3_probe_vs_removed": F.removal_curves({m: {e: {0: 0.9, 1: 0.7, 4: 0.5} for e in ESTS} for m in MODELS},
-                                                  0.6, {"train": 32, "test": 16}),
+                                                  0.6, PROBE_N),
+        "05_4_attack_share": F.attack_share(SHARES, PROBE_N),
+        "05_5_by_source": F.probes_by_source(BY_SOURCE, {m: 2 for m in MODELS}, PROBE_N),
     }
     for name, fig in figs.items():
         F.save(fig, cfg, name)
@@ -86,7 +106,7 @@ def png_dpi(path) -> float:
 def test_every_figure_is_redrawn_from_its_values_alone(drawn):
     repo, _, again, missing = drawn
     figs = repo / "figures" / "scratch"
-    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 10
+    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 12
     assert sorted(again) == sorted(p.stem for p in figs.glob("*.png"))
     for name in again:
         for ext in ("png", "pdf"):
@@ -149,3 +169,94 @@ def test_committed_cpu_figures_redraw_from_results_alone(tmp_path):
     assert done and set(done) <= committed
     for name in done:
         assert (tmp_path / f"{name}.png").read_bytes() == (C.REPO_ROOT / "figures" / "cpu" / f"{name}.png").read_bytes(), name
+
+
+def test_notebook_05_figures_keep_what_they_show(drawn):
+    """Model colours, one figure-level legend, the CI band, open markers for k_erase not reached within the
+    budget, hatched "remains" and transfer bars, same-source bars before the transfer ones."""
+    figs = drawn[1]
+    model_colors = {F.model_look(m).color.lower() for m in MODELS}
+    for name in ("05_1_probes_per_layer", "05_2_spectra", "05_4_attack_share", "05_5_by_source"):
+        fig = figs[name]
+        assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes), name
+        assert "n=" in (fig._suptitle.get_text() if fig._suptitle else "") + "".join(ax.get_title() for ax in fig.axes), name
+    per_layer = figs["05_1_probes_per_layer"]
+    acc, sep, wh, ke = per_layer.axes
+    assert {matplotlib.colors.to_hex(l.get_color()) for l in acc.get_lines() if l.get_linestyle() != ":"} == model_colors
+    assert len(acc.collections) == len(MODELS)  # one 95% band per model
+    assert min(min(l.get_ydata()) for l in sep.get_lines()) == F.SEPARABILITY_FLOOR  # a 0 on the log axis
+    open_at_budget = [l for l in ke.get_lines() if l.get_linestyle() == "None" and l.get_markerfacecolor() == "white"]
+    assert len(open_at_budget) == len(MODELS) and all(list(l.get_ydata()) == [4] for l in open_at_budget)
+    assert all(abs(l.get_xdata()[0] - 3) < 0.2 for l in open_at_budget)  # at layer 3, models offset a little
+    wh_edge = figs["05_2_spectra"].axes[1]
+    assert sum(l.get_linestyle() == ":" for l in wh_edge.get_lines()) == len(MODELS)  # one noise edge per model
+    share = figs["05_4_attack_share"]
+    for ax in share.axes[:len(MODELS)]:
+        bars = ax.patches
+        assert sum(b.get_hatch() == "////" for b in bars) == sum(not b.get_hatch() for b in bars) == len(ESTS) * 3
+        held_colors = [matplotlib.colors.to_hex(b.get_facecolor()) for b in bars if not b.get_hatch()][:3]
+        assert held_colors == [c.lower() for c in F.K_COLORS[:3]]  # the same k, the same colour, in every panel
+    src = figs["05_5_by_source"].axes[0]
+    ticks = [t.get_text().split("\n")[0] for t in src.get_xticklabels()]
+    assert ticks == ["advbench", "harmbench", "harmless", "transfer:", "over-refusal"]
+    hatched = [b for b in src.patches if b.get_hatch()]
+    assert len(hatched) == 2 * len(MODELS) and all(b.get_x() > 2.5 for b in hatched)
+
+
+def test_notebook_05_figures_read_a_summary_as_a_notebook(tmp_path):
+    """tools/figure_data_from_summary.py passes the summary's str layer keys: the same values come out."""
+    as_summary = {m: {str(l): r for l, r in by.items()} for m, by in REPORTS.items()}
+    a = F.probes_per_layer(REPORTS, LAST_TOKEN, 0.6, PROBE_N).refusal_rank_data
+    b = F.probes_per_layer(as_summary, LAST_TOKEN, 0.6, PROBE_N).refusal_rank_data
+    assert a == b and list(a["values"]["reports"]["base"]) == ["1", "2", "3"]
+    matplotlib.pyplot.close("all")
+
+
+def test_older_figure_kinds_still_redraw(tmp_path, monkeypatch):
+    """Figure data saved by a run of the older notebook 05 (kinds probe_layers and spectra) still redraws."""
+    monkeypatch.setattr(C, "REPO_ROOT", tmp_path)
+    d = F.figure_data_dir("old")
+    layers = {"3": {"effective_rank": 2.0, "linear_acc": 0.9, "mlp_acc": 0.8, "k_chance": None}}
+    (d / "05_1_probes_per_layer.json").write_text(json.dumps(
+        {"figure": "probe_layers", "values": {"reports": {"base": layers}, "threshold": 0.6, "n": {"train": 8, "test": 4}}}))
+    (d / "05_2_spectra.json").write_text(json.dumps(
+        {"figure": "spectra", "values": {"eigs": {"base": [3.0, 1.0]}, "layer_of": {"base": 3}, "n": 8}}))
+    assert sorted(F.redraw("old", out_dir=tmp_path / "out")) == ["05_1_probes_per_layer", "05_2_spectra"]
+
+
+def _figure_data_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("figure_data_from_summary", C.REPO_ROOT / "tools" / "figure_data_from_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_figure_data_from_summary_reads_what_notebook_05_writes(tmp_path, monkeypatch, capsys):
+    """The summary notebook 05 writes (probe_run.summary_layer per layer, probes_site, probes_last_token,
+    probes_n) gives all five of its figures; an older notebook 05's summary gives 05_3 and says why not the rest."""
+    tool = _figure_data_tool()
+    monkeypatch.setattr(C, "REPO_ROOT", tmp_path)
+    removal = {e: {"0": 0.9, "1": 0.7} for e in ESTS}
+    summary = {"probes": {m: {str(l): R.summary_layer(r) for l, r in by.items()} for m, by in REPORTS.items()},
+               "probes_site": {m: {"layer": 2, "k_chance": {}, "removal": removal, "attack_share": SHARES[m]} for m in MODELS},
+               "probes_last_token": LAST_TOKEN, "probes_n": PROBE_N}
+    d = tmp_path / "results" / "tiny"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert tool.main(["--profile", "tiny"]) == 0
+    kinds = {p.stem: json.loads(p.read_text())["figure"] for p in (d / "figure_data").glob("05_*.json")}
+    assert kinds == {"05_1_probes_per_layer": "probes_per_layer", "05_2_spectra": "probe_spectra",
+                     "05_3_probe_vs_removed": "removal_curves", "05_4_attack_share": "attack_share",
+                     "05_5_by_source": "probes_by_source"}
+    for p in (d / "figure_data").glob("*.json"):
+        p.unlink()
+    old = {"probes": {m: {"3": {"effective_rank": 2.0, "k_chance": None, "linear_acc": 0.9, "mlp_acc": 0.8, "top_eigvals": [1.0]}}
+                      for m in MODELS},
+           "probes_site": {m: {"layer": 3, "k_chance": {}, "removal": removal} for m in MODELS}, "probes_n": PROBE_N}
+    (d / "summary.json").write_text(json.dumps(old))
+    assert tool.main(["--profile", "tiny"]) == 0
+    assert [p.stem for p in (d / "figure_data").glob("05_*.json")] == ["05_3_probe_vs_removed"]
+    assert "rerun notebook 05" in capsys.readouterr().out
+    matplotlib.pyplot.close("all")

@@ -6,7 +6,9 @@
 Then ``refusal-rank figures --profile cpu`` redraws them. Figures whose values the summary does not hold
 (notebook 01's candidate scores, notebook 03's loss histories) are listed and left alone: rerunning those
 notebooks writes them. Differences from the notebook's own figure are said in each figure (05_2 has the
-top 8 eigenvalues the summary keeps; 01_3 shows raw norms when the direction file has no stream norms).
+top 8 eigenvalues of each spectrum the summary keeps; 01_3 shows raw norms when the direction file has no
+stream norms). A summary of the older notebook 05 (effective rank and k_chance, no whitened class
+difference) gives 05_3 only; its 05_1 and 05_2 values, if saved, still redraw (plotting's older kinds).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ matplotlib.use("Agg")
 
 from refusal_rank import plotting  # noqa: E402
 from refusal_rank.config import load_config, results_dir  # noqa: E402
+from refusal_rank.probe_run import by_source_rows  # noqa: E402
 from refusal_rank.results import load_artifact, read_summary  # noqa: E402
 
 
@@ -82,13 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         save("04_1_refusal_vs_k", plotting.sweep_curves(s["sweep_details"], s["sweep_config"]["threshold"], n,
                                                         plotting.unattacked_rates(s)))
     if "probes" in s and "probes_site" in s:
-        pc = cfg["probes"]
-        save("05_1_probes_per_layer", plotting.probe_layers(s["probes"], pc["threshold"], s["probes_n"]))
+        pc, n = cfg["probes"], s["probes_n"]
         site = {m: v["layer"] for m, v in s["probes_site"].items()}
-        eigs = {m: s["probes"][m][str(site[m])]["top_eigvals"] for m in site}
-        save("05_2_spectra", plotting.spectra(eigs, site, s["probes_n"]["train"]))
+        at_site = {m: s["probes"][m][str(site[m])] for m in site}
         save("05_3_probe_vs_removed", plotting.removal_curves({m: v["removal"] for m, v in s["probes_site"].items()},
-                                                              pc["threshold"], s["probes_n"]))
+                                                              pc["threshold"], n))
+        if all("whitened" in r for by in s["probes"].values() for r in by.values()):
+            save("05_1_probes_per_layer", plotting.probes_per_layer(s["probes"], s.get("probes_last_token") or {},
+                                                                    pc["threshold"], n))
+            save("05_2_spectra", plotting.probe_spectra({m: r["top_eigvals"] for m, r in at_site.items()},
+                                                        {m: {"vals": r["whitened"]["top"], "edge": r["whitened"]["edge"]}
+                                                         for m, r in at_site.items()}, site, n["train"]))
+        else:
+            skipped.append("05_1_probes_per_layer, 05_2_spectra (the summary is of the older notebook 05, without the "
+                           "whitened class difference: rerun notebook 05)")
+        if all("attack_share" in v for v in s["probes_site"].values()):
+            save("05_4_attack_share", plotting.attack_share({m: v["attack_share"] for m, v in s["probes_site"].items()}, n))
+        else:
+            skipped.append("05_4_attack_share (not in the older notebook 05's summary: rerun notebook 05)")
+        if all("by_source" in r and "transfer" in r for r in at_site.values()):
+            save("05_5_by_source", plotting.probes_by_source({m: by_source_rows(r) for m, r in at_site.items()}, site, n))
+        else:
+            skipped.append("05_5_by_source (not in the older notebook 05's summary: rerun notebook 05)")
     print("wrote the values of: " + ", ".join(wrote))
     print("not in the summary: " + "; ".join(skipped))
     return 0

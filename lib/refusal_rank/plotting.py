@@ -523,69 +523,254 @@ def k_break_frame(k_break: dict[str, Any], estimators: Sequence[str], reached: d
 # notebook 05
 
 
-def probe_layers(reports: dict[str, dict[int, dict[str, Any]]], threshold: float, n: dict[str, int]) -> plt.Figure:
-    """Per layer and model: effective rank of the excess second moment, linear and MLP probe accuracy, k_chance."""
-    slim = {m: {str(l): {k: r.get(k) for k in ("effective_rank", "linear_acc", "mlp_acc", "k_chance")} for l, r in by.items()}
-            for m, by in reports.items()}
-    return _probe_layers(reports=slim, threshold=float(threshold), n={k: int(v) for k, v in n.items()})
+def _by_layer(by_layer: dict[Any, Any]) -> list[str]:
+    return sorted((str(l) for l in by_layer), key=int)
 
 
-@_figure("probe_layers")
-def _probe_layers(reports, threshold, n) -> plt.Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(TWO_COLUMNS, 2.3), layout="constrained")
-    for m, by_layer in reports.items():
+def _at(by_layer: dict[Any, Any], l: str) -> Any:
+    """A layer's entry under an int key (a notebook's reports) or a str one (the summary)."""
+    return by_layer[l] if l in by_layer else by_layer[int(l)]
+
+
+def probes_per_layer(reports: dict[str, dict[Any, dict[str, Any]]], last_token: dict[str, dict[str, Any]],
+                     threshold: float, n: dict[str, Any]) -> plt.Figure:
+    """Per layer and model: the held-out linear probe (95% bootstrap band), the MLP probe and the linear
+    probe on the last prompt token; held-out separability (squared d'); the whitened class difference's
+    eigenvalues above its noise edge (participation ratio and number); k_erase, with an open marker at the
+    budget where it was not reached. ``reports``: {model: {layer: layer report or its summary}};
+    ``last_token``: {model: {"by_layer": {layer: accuracy}}}; ``n``: {"train", "test"}."""
+    slim = {}
+    for m, by in reports.items():
+        rows = {}
+        for l in _by_layer(by):
+            r = _at(by, l)
+            ci = r.get("linear_ci") or {}
+            rows[l] = {"linear": float(r["linear_acc"]), "lo": ci.get("lo"), "hi": ci.get("hi"),
+                       "mlp": r.get("mlp_acc"), "separability": r.get("separability"),
+                       "rank": (r.get("whitened") or {}).get("rank"), "n_sig": (r.get("whitened") or {}).get("n_sig"),
+                       "k_erase": r.get("k_erase"), "budget": r.get("k_erase_budget")}
+        slim[m] = rows
+    last = {m: {str(l): float(v) for l, v in ((last_token.get(m) or {}).get("by_layer") or {}).items()} for m in reports}
+    return _probes_per_layer(reports=slim, last_token=last, threshold=float(threshold),
+                             n={"train": int(n["train"]), "test": int(n["test"])})
+
+
+SEPARABILITY_FLOOR = 1e-3  # a held-out squared d' of 0 (test difference the other way) drawn here on the log axis
+
+
+@_figure("probes_per_layer")
+def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
+    fig, axes = plt.subplots(2, 2, figsize=(TWO_COLUMNS, 4.4), sharex=True, layout="constrained")
+    acc, sep, wh, ke = axes.flat
+    nan = lambda v: np.nan if v is None else float(v)
+    for i, (m, by) in enumerate(reports.items()):
         look = model_look(m)
-        ls = sorted(by_layer, key=int)
+        ls = sorted(by, key=int)
         x = [int(l) for l in ls]
-        kw = dict(color=look.color, marker=look.marker, ms=2.5, lw=1)
-        axes[0].plot(x, [by_layer[l]["effective_rank"] for l in ls], **kw)
-        axes[1].plot(x, [by_layer[l]["linear_acc"] for l in ls], **kw)
-        axes[1].plot(x, [by_layer[l]["mlp_acc"] for l in ls], ls="--", mfc="white", **{k: v for k, v in kw.items()})
-        kc = [by_layer[l]["k_chance"] for l in ls]
-        axes[2].plot(x, [np.nan if k is None else k for k in kc], **kw)
-    axes[0].set_ylabel("effective rank\n(participation ratio)")
-    axes[1].set_ylabel("held-out probe accuracy")
-    axes[1].axhline(threshold, color="black", lw=0.8, ls=":")
-    axes[2].set_ylabel("k_chance")
-    axes[0].set_title("excess second moment")
-    axes[1].set_title(f"probes (dotted: {threshold})")
-    axes[2].set_title(f"INLP directions to accuracy <= {threshold}\n(no point: not reached in the INLP budget)")
-    for ax in axes:
+        kw = dict(color=look.color, marker=look.marker, ms=3, lw=1)
+        shift = 0.06 * (i - (len(reports) - 1) / 2)  # k_erase is a small integer: models offset along the layer axis stay visible
+        acc.plot(x, [by[l]["linear"] for l in ls], **kw)
+        if all(by[l]["lo"] is not None for l in ls):
+            acc.fill_between(x, [by[l]["lo"] for l in ls], [by[l]["hi"] for l in ls], color=look.color, alpha=0.07, lw=0)
+        acc.plot(x, [nan(by[l]["mlp"]) for l in ls], **{**kw, "ls": "--", "mfc": "white", "lw": 0.9})
+        lt = last_token.get(m) or {}
+        if lt:
+            lk = sorted(lt, key=int)
+            acc.plot([int(l) for l in lk], [lt[l] for l in lk], color=look.color, ls=":", lw=1.1)
+        sep.plot(x, [np.nan if by[l]["separability"] is None else max(by[l]["separability"], SEPARABILITY_FLOOR) for l in ls], **kw)
+        wh.plot(x, [nan(by[l]["rank"]) for l in ls], **kw)
+        wh.plot(x, [nan(by[l]["n_sig"]) for l in ls], **{**kw, "ls": "--", "mfc": "white", "lw": 0.9})
+        ke.plot([xi + shift for xi in x], [nan(by[l]["k_erase"]) for l in ls], **kw)
+        miss = [(xi + shift, by[l]["budget"]) for xi, l in zip(x, ls) if by[l]["k_erase"] is None and by[l]["budget"] is not None]
+        if miss:
+            ke.plot(*zip(*miss), ls="none", marker=look.marker, mfc="white", mec=look.color, ms=5.5, mew=1)
+    acc.axhline(threshold, color="black", lw=0.8, ls=":")
+    acc.set_ylabel("held-out accuracy")
+    acc.set_title("linear probe (band: 95% CI), MLP (dashed),\nlinear on the last token (dotted)")
+    sep.set_yscale("log")
+    sep.set_ylabel("held-out separability (d'$^2$)")
+    sep.set_title(f"Fisher separability (0 drawn at {SEPARABILITY_FLOOR:g})")
+    wh.set_ylabel("whitened class difference")
+    wh.set_title("eigenvalues above the noise edge: participation\nratio (solid), number (dashed)")
+    wh.set_ylim(0, max(1.05, wh.get_ylim()[1]))  # none above the edge: a flat 0 on a readable scale
+    ke.set_ylabel("k_erase")
+    ke.set_title(f"directions erased until linear acc. <= {threshold}\n(open marker at the budget: not reached)")
+    ke.set_ylim(-0.2, max([1] + [by[l]["budget"] or 0 for by in reports.values() for l in by]) + 0.6)  # room for the open markers
+    ke.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    for ax in axes[-1]:
         ax.set_xlabel("layer (block input)")
-    handles = _model_handles(list(reports)) + [Line2D([], [], color="0.3", label="linear probe"),
-                                               Line2D([], [], color="0.3", ls="--", marker="o", mfc="white", label="MLP probe")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
-    fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=8)
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    handles = _model_handles(list(reports), ms=3)
+    handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label=f"chance level ({threshold})"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7))
+    fig.suptitle(f"Per layer, pooled post-instruction activations (probe train n={n['train']}, held-out test "
+                 f"n={n['test']}, same sources)", fontsize=8)
     return fig
 
 
-def spectra(eigs: dict[str, Any], layer_of: dict[str, int], n: int, top: int = 64) -> plt.Figure:
-    """Leading eigenvalues of the excess second moment (harmful over harmless), normalised by the largest."""
-    vals = {m: [max(float(v), 0.0) for v in list(ev)[:top]] for m, ev in eigs.items()}
-    return _spectra(eigs=vals, layer_of={m: int(v) for m, v in layer_of.items()}, n=int(n))
+def probe_spectra(raw: dict[str, Any], whitened: dict[str, dict[str, Any]], layer_of: dict[str, int], n: int,
+                  top: int = 64) -> plt.Figure:
+    """At each model's attacker layer: the unwhitened excess second moment's leading eigenvalues over its
+    largest (scale removed, shape only), and the whitened class difference's eigenvalues with the noise
+    edge (from random halves of the harmless prompts). ``whitened``: {model: {"vals", "edge"}}."""
+    r = {m: [max(float(v), 0.0) for v in list(ev)[:top]] for m, ev in raw.items()}
+    w = {m: {"vals": [float(v) for v in list(whitened[m]["vals"])[:top]], "edge": float(whitened[m]["edge"])} for m in raw}
+    return _probe_spectra(raw=r, whitened=w, layer_of={m: int(layer_of[m]) for m in raw}, n=int(n))
 
 
-@_figure("spectra")
-def _spectra(eigs, layer_of, n) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 2.5), layout="constrained")
-    top = max((len(v) for v in eigs.values()), default=0)
-    for m, ev in eigs.items():
+SPECTRUM_FLOOR = 1e-9  # probe_spectra: the unwhitened axis ends here (float round-off below; a rank-deficient tail)
+
+
+@_figure("probe_spectra")
+def _probe_spectra(raw, whitened, layer_of, n) -> plt.Figure:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(TWO_COLUMNS, 2.6), layout="constrained")
+    top = max((len(v) for v in raw.values()), default=0)
+    for m, ev in raw.items():
         look = model_look(m)
         ev = np.array(ev, dtype=float)
-        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0], 1e-12), color=look.color, marker=look.marker, ms=2.5, lw=1,
-                markevery=max(1, len(ev) // 12), label=f"{m} (layer {layer_of[m]})")
+        kw = dict(color=look.color, marker=look.marker, ms=2.5, lw=1, markevery=max(1, len(ev) // 12))
+        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0] if len(ev) else 1.0, 1e-12), **kw)
+        vals = np.array(whitened[m]["vals"], dtype=float)
+        ax2.plot(np.arange(1, len(vals) + 1), vals, **{**kw, "markevery": max(1, len(vals) // 12)})
+        ax2.axhline(whitened[m]["edge"], color=look.color, lw=0.8, ls=":")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], SPECTRUM_FLOOR))
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue / largest")
-    ax.legend()
-    ax.set_title(f"Excess second moment, top {top} eigenvalues\n(train split, pooled, n={n})")
+    ax.set_title(f"excess second moment (unwhitened; below {SPECTRUM_FLOOR:g}: numerically 0)")
+    ax2.set_yscale("symlog", linthresh=0.1)
+    ax2.set_xlabel("eigenvalue index")
+    ax2.set_ylabel("extra harmful energy\n/ harmless spread")
+    ax2.set_title("whitened class difference (dotted: its noise edge)")
+    for a in (ax, ax2):
+        a.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    handles = [Line2D([], [], color=model_look(m).color, marker=model_look(m).marker, ms=3, label=f"{m} (layer {layer_of[m]})")
+               for m in raw]
+    handles.append(Line2D([], [], color="0.3", ls=":", lw=0.8, label="noise edge"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
+    fig.suptitle(f"At each model's attacker layer, top {top} eigenvalues (probe train split, pooled, n={n})", fontsize=8)
+    return fig
+
+
+K_COLORS = (SKY, BLUE, VERMILLION, ORANGE, GREEN, PURPLE, GREY)  # attack_share: the i-th smallest k, in every panel
+
+
+def attack_share(shares: dict[str, dict[str, dict[Any, dict[str, float]]]], n: dict[str, Any]) -> plt.Figure:
+    """Per model at its attacker's layer: the share of held-out separability in each attacker's top k
+    directions (solid) and what remains once they are projected out (hatched). Both are held-out estimates
+    over the separability of all features: either can exceed 1, and the two need not sum to 1.
+    ``shares``: {model: {estimator: {k: {"held", "remains"}}}}; ``n``: {"train", "test"}."""
+    slim = {m: {e: {str(k): {"held": float(v["held"]), "remains": float(v["remains"])} for k, v in by_k.items()}
+                for e, by_k in by_e.items()} for m, by_e in shares.items()}
+    return _attack_share(shares=slim, n={"train": int(n["train"]), "test": int(n["test"])})
+
+
+@_figure("attack_share")
+def _attack_share(shares, n) -> plt.Figure:
+    from matplotlib.patches import Patch
+
+    models = list(shares)
+    ks = sorted({int(k) for m in models for e in shares[m] for k in shares[m][e]})
+    color = {k: K_COLORS[i % len(K_COLORS)] for i, k in enumerate(ks)}
+    ncol = max(1, min(len(models), 3))
+    nrow = max(1, math.ceil(len(models) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(TWO_COLUMNS, 2.1 * nrow + 0.8), sharey=True, squeeze=False,
+                             layout="constrained")
+    width = 0.8 / max(1, 2 * len(ks))
+    for ax, m in zip(axes.flat, models):
+        ests = list(shares[m])
+        for i, e in enumerate(ests):
+            for j, k in enumerate(ks):
+                r = shares[m][e].get(str(k))
+                if not r:
+                    continue
+                x0 = i - 0.4 + 2 * j * width + width / 2
+                ax.bar(x0, r["held"], width, color=color[k], edgecolor=color[k], linewidth=0.5)
+                ax.bar(x0 + width, r["remains"], width, color="white", edgecolor=color[k], hatch="////", linewidth=0.5)
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_xticks(range(len(ests)), ests, rotation=35, ha="right")
+        for t, e in zip(ax.get_xticklabels(), ests):
+            t.set_color(estimator_look(e).color)
+        ax.grid(axis="x", visible=False)
+        ax.set_title(m, color=model_look(m).color)
+        if not ests or not any(shares[m][e] for e in ests):
+            ax.text(0.5, 0.5, "no held-out separability", transform=ax.transAxes, ha="center", va="center", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of held-out separability")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    handles = []
+    for k in ks:
+        handles += [Patch(facecolor=color[k], edgecolor=color[k], label=f"top {k}: held"),
+                    Patch(facecolor="white", edgecolor=color[k], hatch="////", label=f"top {k}: remains")]
+    handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label="1 = all of it"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(ks) + 1, title="the attacker's top k directions")
+    fig.suptitle(f"Held-out separability each attack's top k directions hold, and what remains without them "
+                 f"(probe train n={n['train']}, test n={n['test']})", fontsize=8)
+    return fig
+
+
+TRANSFER_PREFIXES = ("transfer", "over")  # probes_by_source: labels drawn hatched, apart from the same-source ones
+
+
+def probes_by_source(rows: dict[str, dict[str, dict[str, Any]]], layer_of: dict[str, int], n: dict[str, Any]) -> plt.Figure:
+    """Per model at its attacker's layer: held-out accuracy per source (the same-source probe) and, labelled
+    apart and hatched, cross-source transfer (a probe trained on AdvBench vs harmless) and the share of
+    over-refusal prompts called harmless; 95% bootstrap intervals. ``rows``: {model: {label: {acc, lo, hi,
+    n}}} (:func:`refusal_rank.probe_run.by_source_rows`); labels starting with "transfer" or "over" are
+    the transfer ones."""
+    keep = ("acc", "lo", "hi", "n")
+    slim = {m: {lab: {k: r[k] for k in keep} for lab, r in by.items()} for m, by in rows.items()}
+    return _probes_by_source(rows=slim, layer_of={m: int(layer_of[m]) for m in rows},
+                             n={"train": int(n["train"]), "test": int(n["test"])})
+
+
+@_figure("probes_by_source")
+def _probes_by_source(rows, layer_of, n) -> plt.Figure:
+    from matplotlib.patches import Patch
+
+    models = list(rows)
+    labels = list(dict.fromkeys(k for m in models for k in rows[m]))
+    same = [lab for lab in labels if not lab.startswith(TRANSFER_PREFIXES)]
+    labels = same + [lab for lab in labels if lab.startswith(TRANSFER_PREFIXES)]  # same-source first, then transfer
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(TWO_COLUMNS, 2.9), layout="constrained")
+    for i, m in enumerate(models):
+        look = model_look(m)
+        for j, lab in enumerate(labels):
+            r = rows[m].get(lab)
+            if not r:
+                continue
+            x = j + (i - (len(models) - 1) / 2) * width
+            transfer = lab.startswith(TRANSFER_PREFIXES)
+            ax.bar(x, r["acc"], width * 0.92, color="white" if transfer else look.color, alpha=1 if transfer else 0.85,
+                   edgecolor=look.color if transfer else "black", hatch="////" if transfer else None, linewidth=0.5)
+            ax.plot([x], [r["acc"]], marker=look.marker, color=look.color, mec="black", mew=0.5, ms=3.5, ls="none", zorder=4)
+            ax.errorbar(x, r["acc"], yerr=[[r["acc"] - r["lo"]], [r["hi"] - r["acc"]]], color="black", capsize=1.5, lw=0.7, zorder=3)
+    if same and len(same) < len(labels):
+        ax.axvline(len(same) - 0.5, color="0.5", lw=0.8)
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    shown = lambda lab: lab.replace(": ", ":\n", 1).replace("over-refusal as harmless", "over-refusal\nas harmless")
+    ax.set_xticks(range(len(labels)), [f"{shown(lab)}\n(n={next(rows[m][lab]['n'] for m in models if lab in rows[m])})"
+                                       for lab in labels])
+    ax.grid(axis="x", visible=False)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"Linear probe per source at each model's attacker layer (probe train n={n['train']}, test n={n['test']}; "
+                 "95% CI)")
+    handles = [Line2D([], [], color=model_look(m).color, marker=model_look(m).marker, mec="black", mew=0.5, ls="none",
+                      label=f"{m} (layer {layer_of[m]})") for m in models]
+    handles += [Patch(facecolor="white", edgecolor="0.3", hatch="////", label="transfer: AdvBench-trained probe;\n"
+                                                                               "over-refusal called harmless"),
+                Line2D([], [], color="black", ls=":", lw=0.8, label="chance (0.5)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
     return fig
 
 
 def removal_curves(curves: dict[str, dict[str, dict[int, float]]], threshold: float, n: dict[str, int]) -> plt.Figure:
     """Linear probe accuracy vs directions removed, one panel per model, one line per basis."""
     slim = {m: {b: {str(k): float(v) for k, v in c.items()} for b, c in by.items()} for m, by in curves.items()}
-    return _removal_curves(curves=slim, threshold=float(threshold), n={k: int(v) for k, v in n.items()})
+    return _removal_curves(curves=slim, threshold=float(threshold), n={"train": int(n["train"]), "test": int(n["test"])})
 
 
 @_figure("removal_curves")
@@ -608,15 +793,17 @@ def _removal_curves(curves, threshold, n) -> plt.Figure:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_title(m, color=model_look(m).color)
-    for ax in axes[-1]:
-        ax.set_xlabel("directions removed")
+    for i, ax in enumerate(list(axes.flat)[:len(models)]):
+        if i + ncol >= len(models):  # no panel below this one: it shows the axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("directions removed")
     for ax in axes[:, 0]:
         ax.set_ylabel("linear probe accuracy\n(held out)")
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     handles = [Line2D([], [], color=estimator_look(b).color, marker=estimator_look(b).marker, label=b) for b in bases]
     handles.append(Line2D([], [], color="black", ls=":", label=f"chance level used for k_chance ({threshold})"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), title="basis removed")
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), title="basis removed")
     fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=8)
     return fig
 
@@ -708,4 +895,59 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
         Line2D([], [], color="0.3", marker="o", label="under the attack"),
         Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# figure data of older runs
+#
+# Notebook 05 once drew effective rank, probe accuracy and k_chance per layer ("probe_layers") and the
+# unwhitened spectrum alone ("spectra"), from a summary layout it no longer writes. No notebook draws these
+# kinds any more; their drawers stay so that figure data saved by such a run (results/cpu/figure_data until
+# notebook 05 is rerun there) still redraws with `refusal-rank figures`, to the same bytes.
+
+
+@_figure("probe_layers")
+def _legacy_probe_layers(reports, threshold, n) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(TWO_COLUMNS, 2.3), layout="constrained")
+    for m, by_layer in reports.items():
+        look = model_look(m)
+        ls = sorted(by_layer, key=int)
+        x = [int(l) for l in ls]
+        kw = dict(color=look.color, marker=look.marker, ms=2.5, lw=1)
+        axes[0].plot(x, [by_layer[l]["effective_rank"] for l in ls], **kw)
+        axes[1].plot(x, [by_layer[l]["linear_acc"] for l in ls], **kw)
+        axes[1].plot(x, [by_layer[l]["mlp_acc"] for l in ls], ls="--", mfc="white", **{k: v for k, v in kw.items()})
+        kc = [by_layer[l]["k_chance"] for l in ls]
+        axes[2].plot(x, [np.nan if k is None else k for k in kc], **kw)
+    axes[0].set_ylabel("effective rank\n(participation ratio)")
+    axes[1].set_ylabel("held-out probe accuracy")
+    axes[1].axhline(threshold, color="black", lw=0.8, ls=":")
+    axes[2].set_ylabel("k_chance")
+    axes[0].set_title("excess second moment")
+    axes[1].set_title(f"probes (dotted: {threshold})")
+    axes[2].set_title(f"INLP directions to accuracy <= {threshold}\n(no point: not reached in the INLP budget)")
+    for ax in axes:
+        ax.set_xlabel("layer (block input)")
+    handles = _model_handles(list(reports)) + [Line2D([], [], color="0.3", label="linear probe"),
+                                               Line2D([], [], color="0.3", ls="--", marker="o", mfc="white", label="MLP probe")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    fig.suptitle(f"Per layer, pooled post-instruction activations (train n={n['train']}, held-out test n={n['test']})", fontsize=8)
+    return fig
+
+
+@_figure("spectra")
+def _legacy_spectra(eigs, layer_of, n) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(ONE_COLUMN, 2.5), layout="constrained")
+    top = max((len(v) for v in eigs.values()), default=0)
+    for m, ev in eigs.items():
+        look = model_look(m)
+        ev = np.array(ev, dtype=float)
+        ax.plot(np.arange(1, len(ev) + 1), ev / max(ev[0], 1e-12), color=look.color, marker=look.marker, ms=2.5, lw=1,
+                markevery=max(1, len(ev) // 12), label=f"{m} (layer {layer_of[m]})")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.legend()
+    ax.set_title(f"Excess second moment, top {top} eigenvalues\n(train split, pooled, n={n})")
     return fig

@@ -79,6 +79,16 @@ def last_token_report(xtr: Any, ytr: Any, xte: Any, yte: Any, src_te: Sequence[s
             "by_source": Q.by_source(correct, src_te, n_boot, seed)}
 
 
+def by_source_rows(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One layer's per-source rows for the table and figure of notebook 05 (a layer report or its summary):
+    the same-source probe per source, then, labelled apart, the AdvBench-trained probe on the other harmful
+    sources ("transfer: <source>") and the same-source probe on the over-refusal prompts:
+    {label: {acc, lo, hi, n}}."""
+    return {**dict(r["by_source"]),
+            **{f"transfer: {s}": v for s, v in r["transfer"]["by_source"].items() if s != "harmless"},
+            "over-refusal as harmless": r["transfer"]["overrefusal_as_harmless"]}
+
+
 def summary_layer(r: dict[str, Any]) -> dict[str, Any]:
     """What of one layer's report goes into ``probes.<model>.<layer>`` (the curves stay at the site)."""
     keep = ("effective_rank", "k_chance", "k_erase", "k_erase_budget", "linear_acc", "linear_ci", "mlp_acc", "by_source",

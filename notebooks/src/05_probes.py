@@ -61,7 +61,6 @@ import pandas as pd
 from IPython.display import Markdown
 
 from refusal_rank import plotting
-from refusal_rank import probe_figures as F
 from refusal_rank import probe_run as R
 from refusal_rank import sweep_run as S
 from refusal_rank.config import load_config
@@ -87,7 +86,7 @@ site = {m: o["site"] for m, o in out.items()}
 last_token = {m: o["last_token"] for m, o in out.items()}
 
 # %%
-fig = F.per_layer(reports, last_token, pc["threshold"], n_probe)
+fig = plotting.probes_per_layer(reports, last_token, pc["threshold"], n_probe)
 plotting.save(fig, cfg, "05_1_probes_per_layer")
 pd.DataFrame({m: {l: r["k_erase"] if r["k_erase"] is not None else f"> {r['k_erase_budget']}" for l, r in by.items()}
               for m, by in reports.items()})  # k_erase per layer and model
@@ -102,8 +101,8 @@ pd.DataFrame({m: {l: f"{r['linear_acc']:.3f} [{r['linear_ci']['lo']:.2f}, {r['li
 # can shrink, divided out). Right: the whitened class difference with its noise edge (dotted).
 
 # %%
-fig = F.spectra({m: o["spectra"]["raw"] for m, o in out.items()}, {m: o["spectra"]["whitened"] for m, o in out.items()},
-                site, n_probe["train"])
+fig = plotting.probe_spectra({m: o["spectra"]["raw"] for m, o in out.items()},
+                             {m: o["spectra"]["whitened"] for m, o in out.items()}, site, n_probe["train"])
 plotting.save(fig, cfg, "05_2_spectra")
 pd.DataFrame({m: {"layer": site[m], "effective_rank (unwhitened)": reports[m][site[m]]["effective_rank"],
                   "top eigenvalue (unwhitened)": reports[m][site[m]]["top_eigvals"][0],
@@ -132,7 +131,7 @@ pd.DataFrame({m: o["site_summary"]["k_chance"] for m, o in out.items()}).T  # fi
 # are gone.
 
 # %%
-fig = F.attack_share({m: o["shares"] for m, o in out.items()}, n_probe)
+fig = plotting.attack_share({m: o["shares"] for m, o in out.items()}, n_probe)
 plotting.save(fig, cfg, "05_4_attack_share")
 pd.DataFrame({(m, e): {f"top {k}": f"{v['held']:.2f} / {v['remains']:.2f}" for k, v in sh.items()}
               for m, o in out.items() for e, sh in o["shares"].items()}).T  # held / remains
@@ -144,13 +143,8 @@ pd.DataFrame({(m, e): {f"top {k}": f"{v['held']:.2f} / {v['remains']:.2f}" for k
 # the same-source probe on over-refusal prompts (the share it calls harmless).
 
 # %%
-rows = {}
-for m, by in reports.items():
-    r = by[site[m]]
-    rows[m] = {**{f"{s}": v for s, v in r["by_source"].items()},
-               **{f"transfer: {s}": v for s, v in r["transfer"]["by_source"].items() if s != "harmless"},
-               "over-refusal as harmless": r["transfer"]["overrefusal_as_harmless"]}
-fig = F.by_source(rows, site, n_probe)
+rows = {m: R.by_source_rows(by[site[m]]) for m, by in reports.items()}
+fig = plotting.probes_by_source(rows, site, n_probe)
 plotting.save(fig, cfg, "05_5_by_source")
 pd.DataFrame({m: {k: f"{v['acc']:.2f} [{v['lo']:.2f}, {v['hi']:.2f}] (n={v['n']})" for k, v in r.items()} for m, r in rows.items()})
 
