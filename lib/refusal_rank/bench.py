@@ -1,4 +1,5 @@
-"""Machine-relative speed: the bf16 matrix-product peak of this machine, measured in the same run.
+"""Machine-relative speed: the matrix-product peak of this machine in the dtype the model computes in (bf16
+where the CPU multiplies it natively, fp32 on AVX2-only CPUs, which emulate bf16), measured in the same run.
 
 Machines of one kind differ by up to 5x, so a bare tokens/s says little. Every speed this project
 reports is put beside the peak GFLOP/s of a dense matmul measured here, and the model's achieved

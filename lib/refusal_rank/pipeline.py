@@ -69,10 +69,13 @@ def load_cached(path: Path, log=print) -> Any:
 
 def save_cached(path: Path, value: Any) -> None:
     """Save atomically, with the sha256 sidecar that :func:`load_cached` checks."""
+    from .results import note_product
+
     tmp = path.with_suffix(".tmp")
     torch.save(value, tmp)
     path.with_name(path.name + ".sha256").write_text(_sha256(tmp))
     tmp.replace(path)
+    note_product(path)
 
 
 def cached_value(path: Path, fn, log=print) -> Any:
@@ -196,7 +199,10 @@ def discover_direction(cfg: dict[str, Any], bundle: ModelBundle, tv: TrainVal) -
 
 
 def forward_throughput(cfg, bundle, prompts: Sequence[D.Prompt]) -> dict[str, float]:
-    """Tokens/s of one batched forward pass with every layer's residual read, beside the bf16 matmul peak."""
+    """Tokens/s of one batched forward pass with every layer's residual read, beside the matmul peak of the
+    dtype the model computes in, measured in the same process. On a CPU with AVX2 only, the cpu profile runs
+    in float32 (bf16 is emulated there, ~50x slower): a bf16 peak would be no reference for it, and
+    measuring one took minutes (most of a tiny run of notebook 01)."""
     from .activations import encode
     from .bench import matmul_peak_gflops, throughput_report
 
@@ -205,8 +211,8 @@ def forward_throughput(cfg, bundle, prompts: Sequence[D.Prompt]) -> dict[str, fl
     t = time.perf_counter()
     collect_residuals(bundle, texts, cfg["eval"]["fwd_batch_size"], desc="throughput")
     dt = time.perf_counter() - t
-    peak = matmul_peak_gflops(torch.bfloat16, device=str(bundle.device))
-    return throughput_report(n_tok, dt, bundle.model, peak)
+    peak = matmul_peak_gflops(bundle.dtype, device=str(bundle.device))
+    return {**throughput_report(n_tok, dt, bundle.model, peak), "peak_dtype": str(bundle.dtype).replace("torch.", "")}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from .config import REPO_ROOT
 from .results import read_summary
 
 
+_PEAK_NAME = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
 def fmt_rate(r: dict[str, Any] | None) -> str:
     if not r:
         return "n/a"
@@ -63,11 +65,11 @@ def timings_line(s: dict[str, Any]) -> str:
         return ""
     fresh = s.get("timings_fresh", {})
     parts = ", ".join(f"{k} {v / 60:.1f} min" + (" (from an emptied cache)" if fresh.get(k) else "") for k, v in t.items())
-    tp = s.get("throughput", {}).get("forward_residuals")
+    tp = s.get("throughput", {}).get("forward_residuals")  # summaries before peak_dtype measured bf16
     extra = ""
     if tp:
         extra = (f" Batched forward pass with every layer read through nnsight: {tp['tokens_per_s']:.0f} tokens/s, "
-                 f"{tp['fraction_of_peak']:.0%} of this machine's bf16 matmul peak ({tp['peak_gflops']:.0f} GFLOP/s, measured in the same run).")
+                 f"{tp['fraction_of_peak']:.0%} of this machine's {_PEAK_NAME.get(tp.get('peak_dtype', 'bfloat16'), tp.get('peak_dtype'))} matmul peak ({tp['peak_gflops']:.0f} GFLOP/s, measured in the same run).")
     note = " Times not marked \"from an emptied cache\" reused whatever earlier runs had left in the cache."
     return f"Wall time of each notebook's last run: {parts}.{note}{extra}"
 

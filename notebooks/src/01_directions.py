@@ -76,8 +76,9 @@ plotting.save(fig, cfg, "01_3_direction_norms")
 # %% [markdown]
 # ## 4 · Save the direction and measure speed
 # The selected direction goes to `results/<profile>/direction.safetensors` for the next notebooks. The throughput of
-# the batched forward pass (all layers read through nnsight) is reported against the machine's own bf16
-# matrix-product peak, measured now: machines of one kind differ by up to 5x.
+# the batched forward pass (all layers read through nnsight) is reported against the machine's own
+# matrix-product peak in the dtype the model runs in (bf16 where the CPU multiplies it natively, else fp32),
+# measured now: machines of one kind differ by up to 5x.
 
 # %%
 save_artifact(cfg, "direction.safetensors", {"layer": sel.layer, "position": sel.position, "direction": sel.direction,
