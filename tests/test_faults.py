@@ -85,3 +85,106 @@ def test_reading_does_not_claim_the_target_beyond_the_k_reached():
     kb["defended_star"] = 20
     reached["defended"] = {"iterated": 4, "dim-svd": 20}
     assert "cannot tell" in S.reading(kb, reached=reached)[1]
+
+
+# ---- 3. run_all.sh: safe flags, a selective --fresh, resume that checks outputs -------------------------
+
+def _nb(path: Path, *cells: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def _run_all(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["./run_all.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})})
+
+
+# A fake notebook: caches one value through the library (recorded as its product) and writes one summary
+# section, as the real notebooks do; it logs whether its cache entry was there already.
+FAKE = """
+import json, os
+from pathlib import Path
+from refusal_rank.results import run_cache, note_product, update_summary
+cfg = {{"profile": profile, "model": {{"name": "fake"}}}}
+p = run_cache(cfg, "{sub}") / "{name}.txt"
+log = Path(os.environ["FAKE_LOG"])
+log.write_text(log.read_text() + ("{name}:reused\\n" if p.is_file() else "{name}:computed\\n") if log.is_file() else
+               ("{name}:reused\\n" if p.is_file() else "{name}:computed\\n"))
+if not p.is_file():
+    p.write_text("value of {name}")
+    note_product(p)
+update_summary(cfg, **{{"section_{name}": 1}})
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_series(tmp_path_factory):
+    """A two-notebook series run once to the end (private runs, results, figures and cache); each test
+    below leaves it complete again, so that they share the one first run (kernels start slowly)."""
+    tmp_path = tmp_path_factory.mktemp("series")
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _nb(nbs / "01_one.ipynb", FAKE.format(sub="acts", name="one"))
+    _nb(nbs / "02_two.ipynb", FAKE.format(sub="gen", name="two"))
+    env = {"REFUSAL_RANK_NOTEBOOKS": str(nbs), "REFUSAL_RANK_RUNS": str(tmp_path / "runs"),
+           "REFUSAL_RANK_RESULTS": str(tmp_path / "results"), "REFUSAL_RANK_FIGURES": str(tmp_path / "figures"),
+           "REFUSAL_RANK_CACHE": str(tmp_path / "cache"), "FAKE_LOG": str(tmp_path / "log.txt")}
+    r = _run_all("--profile", "tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    return tmp_path, env
+
+
+def test_run_all_flag_without_value_is_one_sentence():
+    for flag in ("--profile", "--only", "--from", "--to"):
+        r = _run_all(flag)
+        assert r.returncode == 2 and "unbound variable" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"run_all.sh: {flag} needs a value, e.g. {flag} {'tiny' if flag == '--profile' else '03'} (see --help)."
+    r = _run_all("--profile", "--fresh")  # a flag where the value should be is not a value
+    assert r.returncode == 2 and "--profile needs a value" in r.stderr
+
+
+def test_run_all_selection_matching_nothing_is_an_error_before_anything_is_deleted(fake_series):
+    tmp, env = fake_series
+    kept = tmp / "cache" / "runs" / "tiny" / "defense" / "variant-abc" / "ckpt.pt"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text("hours of training")
+    for sel in (("--only", "4"), ("--from", "07"), ("--to", "00")):
+        r = _run_all("--profile", "tiny", "--fresh", *sel, env=env)
+        assert r.returncode == 2 and "matches no notebook" in r.stderr and "(they are: 01 02)" in r.stderr, r.stderr
+        assert kept.is_file()
+
+
+def test_run_all_fresh_only_empties_what_the_selected_notebooks_produced(fake_series):
+    tmp, env = fake_series
+    cache = tmp / "cache" / "runs" / "tiny"
+    trained = cache / "defense" / "variant-abc" / "ckpt.pt"  # notebook 03's variant, trained in the background
+    trained.parent.mkdir(parents=True, exist_ok=True)
+    trained.write_text("hours of training")
+    assert (cache / "acts" / "one.txt").is_file() and (cache / "gen" / "two.txt").is_file()
+    (tmp / "log.txt").write_text("")
+    r = _run_all("--profile", "tiny", "--fresh", "--only", "02", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp / "log.txt").read_text() == "two:computed\n"  # 02 started from scratch, 01 did not run
+    assert (cache / "acts" / "one.txt").is_file() and trained.is_file()  # the others' values survive
+    assert (tmp / "runs" / "tiny" / "01_one.ipynb").is_file() and (tmp / "runs" / "tiny" / "01_one.stamp").is_file()
+
+
+def test_run_all_resume_reruns_a_notebook_whose_outputs_are_gone(fake_series):
+    tmp, env = fake_series
+    summary = tmp / "results" / "tiny" / "summary.json"
+    assert summary.is_file()
+    summary.unlink()
+    r = _run_all("--profile", "tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "skipped" not in r.stdout and "summary.json is missing: running it again" in r.stdout
+    import json
+    assert {"section_one", "section_two"} <= set(json.loads(summary.read_text()))
+    # everything there: a resume skips both
+    r = _run_all("--profile", "tiny", env=env)
+    assert r.stdout.count("up to date, skipped") == 2, r.stdout

@@ -111,7 +111,10 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
 
 def export_orthogonalized(bundle: ModelBundle, basis: torch.Tensor, out_dir: str | Path) -> Path:
     """Save an orthogonalised copy as a plain HF checkpoint that ``from_pretrained`` loads."""
+    from .results import note_product
+
     out_dir = Path(out_dir)
+    note_product(out_dir)
     with orthogonalized(bundle, basis):
         bundle.model.save_pretrained(out_dir)
     bundle.tokenizer.save_pretrained(out_dir)

@@ -89,14 +89,18 @@ def cache_root() -> Path:
     return root
 
 
+RESULTS_ENV = "REFUSAL_RANK_RESULTS"   # tests point these two elsewhere (run_all.sh reads them too)
+FIGURES_ENV = "REFUSAL_RANK_FIGURES"
+
+
 def results_dir(profile: str) -> Path:
-    d = REPO_ROOT / "results" / profile
+    d = Path(os.environ.get(RESULTS_ENV) or REPO_ROOT / "results") / profile
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def figures_dir(profile: str) -> Path:
-    d = REPO_ROOT / "figures" / profile
+    d = Path(os.environ.get(FIGURES_ENV) or REPO_ROOT / "figures") / profile
     d.mkdir(parents=True, exist_ok=True)
     return d
 

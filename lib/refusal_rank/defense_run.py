@@ -112,6 +112,10 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
         record = json.loads(record_path.read_text())
         if record["steps"] >= until:
             return record
+    if not any(out.iterdir()):  # a variant this run starts (not one a background training or an earlier notebook made)
+        from .results import note_product
+
+        note_product(out)
     bundle = bundle_from_pretrained(checkpoint_dir(cfg, log=log), cfg, name=f"{name}-student")
     harm, ok = defense_prompts(cfg)
     layers = defense_layers(cfg, bundle.n_layers)

@@ -188,6 +188,11 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
             done[row["i"]] = row
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
+            created = not cache_file.is_file()
             with cache_file.open("a") as fh:
                 fh.write("".join(json.dumps(r) + "\n" for r in new))
+            if created:
+                from .results import note_product
+
+                note_product(cache_file)
     return [{"text": done[i]["text"], "ids": done[i]["ids"]} for i in range(len(prompts))]

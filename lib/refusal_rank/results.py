@@ -15,8 +15,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import REPO_ROOT, cache_root, figures_dir, results_dir
 
 
@@ -67,7 +65,14 @@ def update_summary(cfg: dict[str, Any], **sections: Any) -> dict[str, Any]:
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, p)
+    log = os.environ.get(SECTIONS_ENV)
+    if log:  # run_all.sh: the sections this notebook wrote are its outputs (resume checks they still exist)
+        with open(log, "a") as fh:
+            fh.write("".join(k + "\n" for k in new))
     return summary
+
+
+SECTIONS_ENV = "REFUSAL_RANK_SECTIONS_LOG"
 
 
 FRESH_ENV = "REFUSAL_RANK_FRESH"
@@ -95,7 +100,7 @@ def _finite(x: Any) -> Any:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
+    if type(x).__module__.startswith("torch") and hasattr(x, "tolist"):  # a tensor (torch is imported only where used)
         return x.tolist()
     if hasattr(x, "item"):
         return x.item()
@@ -109,6 +114,7 @@ def save_artifact(cfg: dict[str, Any], name: str, obj: dict[str, Any]) -> Path:
     """Save a small dict beside the summary (e.g. the selected direction) as safetensors: its tensors as
     tensors, its other values (ints, strings, lists) as JSON in the file's metadata. A safetensors file
     holds no code, so loading a committed one runs none (a pickle would)."""
+    import torch
     from safetensors.torch import save_file
 
     if not name.endswith(ARTIFACT_SUFFIX):
@@ -136,9 +142,41 @@ def load_artifact(cfg: dict[str, Any], name: str, produced_by: str) -> dict[str,
     return out
 
 
+NOTEBOOK_ENV = "REFUSAL_RANK_NOTEBOOK"  # set by run_all.sh to the running notebook's name (e.g. 04_sweep)
+PRODUCED_DIR = ".produced"
+_NOTED: set[tuple[str, str]] = set()
+
+
+def note_product(path: Path) -> None:
+    """Record that the notebook now running (``$REFUSAL_RANK_NOTEBOOK``) created ``path`` in the run cache, in
+    ``<cache>/runs/<profile>/.produced/<notebook>.txt``: ``run_all.sh --fresh --only NN`` empties exactly
+    what the selected notebooks produced, so that the others' outputs (notebook 03's trained variants)
+    survive. Outside run_all.sh (tests, tools, background training) nothing is recorded, and what such
+    a run created is never emptied by a selective ``--fresh``."""
+    nb = os.environ.get(NOTEBOOK_ENV)
+    if not nb:
+        return
+    runs = (cache_root() / "runs").resolve()
+    try:
+        rel = Path(path).resolve().relative_to(runs)
+    except ValueError:
+        return
+    if len(rel.parts) < 2 or rel.parts[1] == PRODUCED_DIR:
+        return
+    profile, inner = rel.parts[0], Path(*rel.parts[1:]).as_posix()
+    manifest = runs / profile / PRODUCED_DIR / f"{nb}.txt"
+    if (str(manifest), inner) in _NOTED:
+        return
+    _NOTED.add((str(manifest), inner))
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with manifest.open("a") as fh:
+        fh.write(inner + "\n")
+
+
 def run_cache(cfg: dict[str, Any], *parts: str) -> Path:
     """The per-profile run cache (``<cache root>/runs/<profile>/...``, outside the work tree so that it
-    survives a fresh clone on the same machine; ``run_all.sh --fresh`` empties it)."""
+    survives a fresh clone on the same machine; ``run_all.sh --fresh`` empties it, ``--fresh --only NN``
+    only what notebook NN produced, see :func:`note_product`)."""
     d = cache_root() / "runs" / cfg["profile"]
     for part in parts:
         d = d / part

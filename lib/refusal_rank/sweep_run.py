@@ -844,6 +844,9 @@ def write_judge_pool(cfg: dict[str, Any], sweeps: dict[str, dict[str, dict[str, 
                 rows.append({"id": f"{m}+{e}@K{x['k']}:{x['prompt_id']}", "model": f"{m} attacked",
                              "attack": f"{e} K={x['k']}", "set": "harmful", "prompt_id": x["prompt_id"],
                              "prompt": x["prompt"], "completion": x["completion"]})
+    from .results import note_product
+
     path = judge_pool_path(cfg)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    note_product(path)
     return path
