@@ -188,3 +188,37 @@ def test_run_all_resume_reruns_a_notebook_whose_outputs_are_gone(fake_series):
     # everything there: a resume skips both
     r = _run_all("--profile", "tiny", env=env)
     assert r.stdout.count("up to date, skipped") == 2, r.stdout
+
+
+# ---- 4. prompt files validated at load: unique ids, non-empty text, file and line in every error --------
+
+PROMPT_FILES = [
+    ("duplicate id", ['{"id": "a", "prompt": "one"}', '{"id": "b", "prompt": "two"}', '{"id": "a", "prompt": "three"}'],
+     r":3: id 'a' is already used on line 1"),
+    ("empty prompt", ['{"id": "a", "prompt": "one"}', '{"id": "b", "prompt": "   "}'], r":2: prompt 'b' has no text"),
+    ("malformed line", ['{"id": "a", "prompt": "one"}', '{"id": "b", "prompt": "two"'], r":2: not valid JSON"),
+    ("missing id", ['{"prompt": "one"}'], r":1: \"id\" must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("what,lines,message", PROMPT_FILES, ids=[p[0] for p in PROMPT_FILES])
+def test_prompt_file_errors_name_file_and_line(tmp_path, what, lines, message):
+    import re
+
+    from refusal_rank import data as D
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(D.DataError, match=re.escape(str(path)) + message):
+        D.load_jsonl(path, "harmless")
+
+
+def test_prompt_ids_unique_across_sets(tmp_path, monkeypatch):
+    from refusal_rank import data as D
+
+    (tmp_path / "harmless.jsonl").write_text('{"id": "x-1", "prompt": "one"}\n')
+    (tmp_path / "overrefusal.jsonl").write_text('{"id": "x-1", "prompt": "two"}\n')
+    monkeypatch.setattr(D, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(D, "load_harmful_sources", lambda: {})
+    with pytest.raises(D.DataError, match=r"overrefusal\.jsonl: id 'x-1' is already used by .*harmless\.jsonl"):
+        D.load_all_prompts()

@@ -112,19 +112,59 @@ def load_harmful_sources() -> dict[str, list[Prompt]]:
     return {"advbench": adv, "harmbench_val": hb["val"], "harmbench_test": hb["test"], "strongreject": sr}
 
 
+@functools.lru_cache(maxsize=16)
+def _check_jsonl(path: str, mtime_ns: int, size: int) -> None:
+    """Every line of a prompt file is a JSON object with a non-empty string ``id`` not seen before and a
+    non-empty string ``prompt``; else a :class:`DataError` naming the file and the line."""
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                raise DataError(f"{path}:{n}: empty line: every line of a prompt file is one JSON object.")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: a JSON object with \"id\" and \"prompt\" expected, not {type(row).__name__}.")
+            pid, text = row.get("id"), row.get("prompt")
+            if not isinstance(pid, str) or not pid.strip():
+                raise DataError(f"{path}:{n}: \"id\" must be a non-empty string, not {json.dumps(pid)}.")
+            if pid in seen:
+                raise DataError(f"{path}:{n}: id {pid!r} is already used on line {seen[pid]}: ids must be unique.")
+            seen[pid] = n
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{n}: prompt {pid!r} has no text (\"prompt\" must be a non-empty string).")
+
+
 def load_jsonl(path: Path, source: str) -> list[Prompt]:
+    """A prompt file of this project, validated first (unique ids, non-empty prompts, file and line in
+    every error), then read through ``datasets``."""
     if not path.is_file():
         raise DataError(f"{path} is missing: it is part of the repository, restore it with git.")
+    st = path.stat()
+    _check_jsonl(str(path), st.st_mtime_ns, st.st_size)
     return [Prompt(row["id"], row["prompt"].strip(), source) for row in read_table(path)]
 
 
+def _add_unique(pool: dict[str, Prompt], prompts: list[Prompt], where: str, origin: dict[str, str]) -> None:
+    for p in prompts:
+        if not p.text:
+            raise DataError(f"{where}: prompt {p.id!r} has no text.")
+        if p.id in pool:
+            raise DataError(f"{where}: id {p.id!r} is already used by {origin[p.id]}: ids must be unique across prompt sets.")
+        pool[p.id] = p
+        origin[p.id] = where
+
+
 def load_all_prompts() -> dict[str, Prompt]:
-    """Every prompt the project knows, by id."""
+    """Every prompt the project knows, by id (an id used twice, or an empty prompt, is an error)."""
     pool: dict[str, Prompt] = {}
-    for prompts in load_harmful_sources().values():
-        pool.update({p.id: p for p in prompts})
-    pool.update({p.id: p for p in load_jsonl(DATA_DIR / "harmless.jsonl", "harmless")})
-    pool.update({p.id: p for p in load_jsonl(DATA_DIR / "overrefusal.jsonl", "overrefusal")})
+    origin: dict[str, str] = {}
+    for key, prompts in load_harmful_sources().items():
+        _add_unique(pool, prompts, f"{HARMFUL_FILES[key][0]}:{HARMFUL_FILES[key][2]}", origin)
+    for name, source in (("harmless.jsonl", "harmless"), ("overrefusal.jsonl", "overrefusal")):
+        _add_unique(pool, load_jsonl(DATA_DIR / name, source), str(DATA_DIR / name), origin)
     return pool
 
 
