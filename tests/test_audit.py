@@ -169,6 +169,14 @@ def test_trained_variant_reads_as_a_lora_fine_tune(tiny_cfg, tmp_path):
     assert "exported for the audit" in rep["model"]["origin"] and not Path(rep["model"]["path"]).exists()
 
 
+def test_a_variant_export_carries_a_model_card(tiny_cfg, tmp_path):
+    """What was done to an exported variant travels with it (README.md, the hub's model-card file)."""
+    card = AU.write_variant_card(tiny_cfg, "defended", 1, tmp_path).read_text()
+    assert card.startswith("---\nbase_model: tiny-llama") and "refusal-behaviour-altered" in card
+    assert "notebook 03's defended variant at step 1" in card and "merged into the original weights" in card
+    assert "lambda_cov" in card and "prompt passes" in card
+
+
 def test_full_audit_runs_the_rank_k_screen(original, tmp_path):
     rc, rep, md = audit(tmp_path, "original")
     assert rc == 0 and not rep["fast"] and rep["reference"] is None and "diff" not in rep

@@ -96,8 +96,34 @@ def export_variant(cfg: dict[str, Any], spec: str) -> Checkpoint:
         save_verified(bundle.model, bundle.tokenizer, out)
         del bundle
         gc.collect()
+    if not (out / "README.md").is_file():
+        write_variant_card(cfg, name, step, out)
     return Checkpoint(out, spec, f"profile {cfg['profile']}: notebook 03's {name} at step {step}, exported for the audit",
                       temporary=not cfg["audit"]["keep_exports"])
+
+
+def write_variant_card(cfg: dict[str, Any], name: str, step: int, out: Path) -> Path:
+    """The model card of a variant's export: the base model, the training objective and budget, and that its
+    trained weights (LoRA adapters, or every weight but the embedding) were merged into the original's."""
+    from .defense_run import budget_label, prompt_passes
+    from .model_card import write_model_card
+
+    dc = cfg["defense"]
+    how = (f"LoRA adapters (peft, r={dc['lora']['r']}, alpha={dc['lora']['alpha']}, on {', '.join(dc['lora']['targets'])}) "
+           "trained, then merged into the original weights for this export" if dc["method"] == "lora"
+           else "every weight but the token embedding fine-tuned")
+    return write_model_card(out, {
+        "title": f"{cfg['model']['name']}, notebook 03's {name} variant at step {step} ({budget_label(cfg, step)})",
+        "base_model": cfg["model"].get("hub_id") or cfg["model"]["name"],
+        "summary": "Defensive post-training of the refusal-rank artifact (docs/method.md): the original model trained so "
+                   "that its refusal is harder to remove by ablating a few directions of the residual stream. "
+                   "Exported by `refusal-rank audit` to be measured; a control variant is trained the same way with "
+                   "some terms of the objective switched off.",
+        "variant": name, "objective weights": dc["variants"][name], "training": how,
+        "steps": step, "prompt passes": prompt_passes(cfg, step),
+        "training prompts": f"{dc['n_train_per_class']} a class from data/splits.json (harmful_defense, harmless_defense)",
+        "profile": cfg["profile"], "dtype": cfg["model"].get("dtype"),
+    })
 
 
 def k1_export_dir(cfg: dict[str, Any]) -> Path:
