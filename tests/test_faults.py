@@ -110,7 +110,9 @@ def _run_all(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 FAKE = """
 import json, os
 from pathlib import Path
-from refusal_rank.results import run_cache, note_product, update_summary
+import refusal_rank.results as R
+from refusal_rank.results import run_cache, update_summary
+note_product = getattr(R, "note_product", lambda p: None)  # (absent before the fix: the tests then fail on run_all.sh)
 cfg = {{"profile": profile, "model": {{"name": "fake"}}}}
 p = run_cache(cfg, "{sub}") / "{name}.txt"
 log = Path(os.environ["FAKE_LOG"])
@@ -222,3 +224,134 @@ def test_prompt_ids_unique_across_sets(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "load_harmful_sources", lambda: {})
     with pytest.raises(D.DataError, match=r"overrefusal\.jsonl: id 'x-1' is already used by .*harmless\.jsonl"):
         D.load_all_prompts()
+
+
+# ---- 5. cache keys from content; integrity on every file a number comes from ---------------------------
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_editing_one_prompt_text_recomputes_exactly_its_dependent_values(tiny, tiny_cfg, private_cache, monkeypatch):
+    from refusal_rank import data as D
+    from refusal_rank import pipeline as P
+    from refusal_rank.config import override
+
+    cfg = override(tiny_cfg, **{"eval.max_new_tokens": 2})
+    from refusal_rank import generation as G
+
+    calls = []  # the model's work: forward passes for log-probs, generated batches
+    real_lp, real_gen = P.last_token_logprobs, G._generate_batch
+    monkeypatch.setattr(P, "last_token_logprobs", lambda b, texts, *a, **k: calls.append(("lp", tuple(texts))) or real_lp(b, texts, *a, **k))
+    monkeypatch.setattr(G, "_generate_batch", lambda b, texts, *a, **k: calls.append(("gen", tuple(texts))) or real_gen(b, texts, *a, **k))
+    pool = D.split_prompts("harmless_val", 4, 0)
+    a, b = pool[:2], pool[2:]
+    for s in (a, b):
+        P.scores_cached(cfg, tiny, s)
+        P.completions(cfg, tiny, s)
+    assert len(calls) == 4  # two forward passes, two generated batches
+    calls.clear()
+    edited = [D.Prompt(a[0].id, a[0].text + " Answer in one word.", a[0].source), a[1]]
+    P.scores_cached(cfg, tiny, edited)  # the edited text: computed anew
+    P.completions(cfg, tiny, edited)
+    P.scores_cached(cfg, tiny, b)  # an untouched set: reused
+    P.completions(cfg, tiny, b)
+    # the edited set's log-probs and completions (one batch of both prompts), nothing of the other set
+    assert sorted((k, frozenset(t)) for k, t in calls) == [("gen", frozenset(p.text for p in edited)),
+                                                            ("lp", frozenset(p.text for p in edited))]
+
+
+def test_tiny_model_identity_names_its_seed_and_tokenizer_corpus(tiny_cfg, monkeypatch):
+    import types
+
+    from refusal_rank import data as D
+    from refusal_rank import pipeline as P
+    from refusal_rank.config import override
+
+    stand_in = types.SimpleNamespace(name="tiny-llama", edit="")
+    tag = P.model_tag(tiny_cfg, stand_in)
+    assert P.model_tag(override(tiny_cfg, seed=1), stand_in) != tag
+    corpus = D.tokenizer_corpus(tiny_cfg)
+    monkeypatch.setattr(D, "tokenizer_corpus", lambda cfg: corpus[:-1] + [corpus[-1] + " (edited)"])
+    P._IDENTITY.clear()
+    assert P.model_tag(tiny_cfg, stand_in) != tag
+    P._IDENTITY.clear()
+
+
+def test_cache_file_without_its_sidecar_is_rebuilt_never_certified(tmp_path):
+    import torch
+
+    from refusal_rank import pipeline as P
+
+    path = tmp_path / "direction.pt"
+    P.save_cached(path, torch.tensor([0.0, 1.0]))
+    torch.save(torch.tensor([2.0, 0.0]), path)  # corrupted ...
+    path.with_name(path.name + ".sha256").unlink()  # ... and its hash file gone with it
+    logged = []
+    value = P.cached_value(path, lambda: torch.tensor([0.0, 1.0]), log=logged.append)
+    assert value.tolist() == [0.0, 1.0] and "no sha256 sidecar" in logged[0]
+    assert P.load_cached(path).tolist() == [0.0, 1.0]  # the rebuilt value, with its own sidecar
+
+
+def test_edited_completion_in_the_cache_is_regenerated(tiny, tmp_path):
+    import json
+
+    from refusal_rank import pipeline as P
+    from refusal_rank.generation import generate
+
+    prompts = ["Write a haiku about rain.", "Name a prime number."]
+    path = tmp_path / "gen.jsonl"
+    first = generate(tiny, prompts, 3, 2, cache_file=path)
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    rows[0]["text"] = "I cannot help with that."  # a refusal planted in the cache
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileNotFoundError, match="failed their digest"):
+        P.read_completions(path, 2)
+    again = generate(tiny, prompts, 3, 2, cache_file=path)
+    assert again == first and P.read_completions(path, 2) == first
+
+
+def _train_tiny(tiny_cfg, ckpt, **kw):
+    from refusal_rank.models import bundle_from_pretrained, checkpoint_dir
+    from refusal_rank.training import Variant, attach_lora, teacher_cache, train
+    from refusal_rank import data as D
+
+    b = bundle_from_pretrained(checkpoint_dir(tiny_cfg, log=lambda *_: None), tiny_cfg)
+    harm = [p.text for p in D.split_prompts("harmful_defense", 8, 0)]
+    ok = [p.text for p in D.split_prompts("harmless_defense", 8, 0)]
+    layers = list(range(b.n_layers))
+    teacher = kw.pop("teacher", None) or teacher_cache(b, harm + ok, layers, 8)
+    attach_lora(b.model, tiny_cfg["defense"]["lora"], seed=0)
+    b._nnsight = None
+    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
+    tcfg = dict(tiny_cfg["defense"]["train"], ckpt_every=1, eval_every=100, diag_prompts=0)
+    log = []
+    state = train(b, v, tcfg, harm, ok, teacher, layers, ckpt, log=log.append, **kw)
+    return state, log, teacher
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes"])
+def test_damaged_checkpoint_falls_back_to_the_previous_good_one(tiny_cfg, tmp_path, damage):
+    ckpt = tmp_path / "ckpt.pt"
+    state, _, teacher = _train_tiny(tiny_cfg, ckpt, stop_after=3)
+    assert state.step == 3
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:-64] + bytes(b ^ 0xFF for b in data[-64:]))
+    state, log, _ = _train_tiny(tiny_cfg, ckpt, teacher=teacher)  # a rerun: no crash, no damaged weights
+    assert state.step == tiny_cfg["defense"]["train"]["steps"]
+    assert any("resuming from the previous one, ckpt.prev.pt, at step 2" in l for l in log), log
+
+
+def test_divergence_message_names_no_checkpoint_that_does_not_exist(tiny_cfg, tmp_path):
+    import copy
+
+    from refusal_rank.training import TrainingDiverged
+
+    state, _, teacher = _train_tiny(tiny_cfg, tmp_path / "warm.pt", stop_after=1)
+    bad = copy.deepcopy(teacher)
+    bad.logits[:] = float("nan")
+    with pytest.raises(TrainingDiverged) as e:
+        _train_tiny(tiny_cfg, tmp_path / "ckpt.pt", teacher=bad)
+    assert "No last checkpoint was saved" in str(e.value) and str(tmp_path / "ckpt.pt") not in str(e.value)

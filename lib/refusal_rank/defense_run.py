@@ -55,6 +55,24 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     return run_cache(cfg, "defense", f"{name}-{key}")
 
 
+def check_prompt_texts(cfg: dict[str, Any], name: str, out: Path) -> None:
+    """A variant's directory is keyed by its training prompts' ids (the key of the variants trained before
+    prompt texts entered cache keys); the digest of their texts is kept beside the weights
+    (``prompts.sha256``) and checked on every use, so that a variant trained on other texts under the same
+    ids is never reused silently. A directory without the file (trained before it existed) gets it."""
+    from .pipeline import prompt_key
+
+    harm, ok = defense_prompts(cfg)
+    digest = prompt_key(harm + ok)["texts_sha256"]
+    side = out / "prompts.sha256"
+    if side.is_file():
+        if side.read_text().strip() != digest:
+            raise ValueError(f"variant {name!r} in {out} was trained on other prompt texts than data/ now holds under the "
+                             f"same ids: move that directory away to retrain it, or restore the prompt files.")
+    elif out.is_dir():
+        side.write_text(digest + "\n")
+
+
 def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], layers: list[int],
                    per_position: bool = False) -> TeacherCache:
     from .pipeline import CACHE_VERSION, cached_value
@@ -108,11 +126,13 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     if until not in milestone_steps(cfg["defense"]["train"]):
         raise ValueError(f"train {name!r} until step {until}: not a milestone of defense.train ({milestone_steps(cfg['defense']['train'])})")
     record_path = out / "record.json"
+    started_here = not any(out.iterdir())  # a variant this run starts (not one a background training or an earlier notebook made)
+    check_prompt_texts(cfg, name, out)
     if record_path.is_file() and snapshot_path(out / "ckpt.pt", until).is_file():
         record = json.loads(record_path.read_text())
         if record["steps"] >= until:
             return record
-    if not any(out.iterdir()):  # a variant this run starts (not one a background training or an earlier notebook made)
+    if started_here:
         from .results import note_product
 
         note_product(out)
@@ -166,6 +186,7 @@ def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> Mod
     if not snap.is_file():
         raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {vdir}: train it first "
                                 f"(notebook 03, or tools/train_variant.py --variant {name}).")
+    check_prompt_texts(cfg, name, vdir)
     bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}")
     peft_model = _trainable(cfg, bundle)
     load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them

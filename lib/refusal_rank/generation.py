@@ -156,6 +156,31 @@ def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens:
     return [_cut_at_eos(row, eos) for row in rows]
 
 
+def row_digest(row: dict[str, Any]) -> str:
+    """The digest each completion-cache row carries: of its index, token ids and text."""
+    return hashlib.sha256(json.dumps([row["i"], row["ids"], row["text"]]).encode()).hexdigest()[:16]
+
+
+def read_cache_rows(path: Path) -> tuple[dict[int, dict[str, Any]], int, int]:
+    """(verified rows by index, lines read, lines rejected) of a completion cache file. A line that is cut,
+    not a row, without its digest or not matching it (an edited completion) is rejected: the caller
+    regenerates it, nothing unverified is ever returned."""
+    rows: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    bad = 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and row.get("sha") == row_digest(row)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by an interruption, or not a row
+            ok = False
+        if ok:
+            rows[row["i"]] = row
+        else:
+            bad += 1
+    return rows, len(lines), bad
+
+
 def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -170,20 +195,21 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
     completions must be named apart from full ones by the caller)."""
     done: dict[int, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():
-        lines = cache_file.read_text().splitlines()
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption
-                continue
-            done[row["i"]] = row
-        if len(done) != len(lines) or not cache_file.read_text().endswith("\n"):
-            # rewrite without the cut line, so later appends start on a fresh line
-            cache_file.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        done, n_lines, bad = read_cache_rows(cache_file)
+        done = {i: r for i, r in done.items() if 0 <= i < len(prompts)}
+        if bad:  # a line cut by an interruption, or an edited or unverifiable row
+            print(f"completion cache {cache_file.name}: {bad} of {n_lines} rows failed their digest: regenerating them")
+        if len(done) != n_lines or not cache_file.read_text().endswith("\n"):
+            # rewrite with the verified rows only, so later appends start on a fresh line
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            tmp.replace(cache_file)
     todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
     for idx in tqdm(todo, desc=desc, leave=False):
         ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention, engine, cache, stop_on_refusal)
         new = [{"i": i, "ids": r, "text": bundle.tokenizer.decode(r, skip_special_tokens=True)} for i, r in zip(idx, ids)]
+        for row in new:
+            row["sha"] = row_digest(row)
         for row in new:
             done[row["i"]] = row
         if cache_file is not None:

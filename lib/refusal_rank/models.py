@@ -244,9 +244,14 @@ def resolve_hub(mcfg: dict[str, Any]) -> str:
 # tiny
 
 
+def tiny_key(mcfg: dict[str, Any], corpus: list[str], seed: int) -> str:
+    """The tiny model's identity: its shape and knobs, the seed it is initialised with, its tokenizer's corpus."""
+    return hashlib.sha256(json.dumps([mcfg, seed, corpus], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def build_tiny(mcfg: dict[str, Any], corpus: list[str], seed: int) -> Path:
     """Train a byte-level BPE tokenizer on ``corpus`` and save a random small Llama; cached by content."""
-    key = hashlib.sha256(json.dumps([mcfg, seed, corpus], sort_keys=True).encode()).hexdigest()[:12]
+    key = tiny_key(mcfg, corpus, seed)
     out_dir = cache_root() / "models" / f"tiny-{key}"
     if out_dir.is_dir() and verify_manifest(out_dir):
         return out_dir

@@ -28,10 +28,39 @@ from .results import run_cache
 CACHE_VERSION = 2  # bump when a change of code changes what a cached value means
 
 
+def model_identity(cfg: dict[str, Any]) -> str:
+    """What determines the profile's original weights: every knob of its model section (source, dtype,
+    refusal words, template variables, the GGUF's sha256...) and, for the tiny model, which is built here,
+    also the seed it is initialised with and the corpus its tokenizer is trained on (the same key as its
+    checkpoint directory's, :func:`refusal_rank.models.tiny_key`)."""
+    if cfg["model"]["source"] != "tiny":
+        return config_hash(cfg, "model")
+    from .data import DATA_DIR, SPLITS_PATH, tokenizer_corpus
+    from .models import tiny_key
+
+    files = [SPLITS_PATH, DATA_DIR / "harmless.jsonl"]  # what the corpus is read from (the harmful files are pinned)
+    memo = (config_hash(cfg, "model"), cfg["seed"], *[(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files])
+    if memo not in _IDENTITY:
+        _IDENTITY[memo] = "tiny-" + tiny_key(cfg["model"], tokenizer_corpus(cfg), cfg["seed"])
+    return _IDENTITY[memo]
+
+
+_IDENTITY: dict[tuple, str] = {}
+
+
 def model_tag(cfg: dict[str, Any], bundle: ModelBundle) -> str:
-    """Identity of a model for cache keys: every knob of the profile's model section (source, dtype,
-    refusal words, template variables...), the bundle's name, any weight edit, and the cache version."""
-    return f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:{bundle.name}:{bundle.edit}"
+    """Identity of a model for cache keys: :func:`model_identity` (the original weights), the bundle's
+    name, any weight edit, and the cache version."""
+    return f"v{CACHE_VERSION}:{model_identity(cfg)}:{bundle.name}:{bundle.edit}"
+
+
+def prompt_key(prompts: Sequence[D.Prompt]) -> dict[str, Any]:
+    """Prompts as a cache key: their ids and a digest of their texts (an edited prompt text is another
+    key, not a reuse of the value computed on the old text)."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.text.encode("utf-8") + b"\x00")
+    return {"ids": [p.id for p in prompts], "texts_sha256": h.hexdigest()[:16]}
 
 
 def _sha256(path: Path) -> str:
@@ -47,23 +76,22 @@ MISSING = object()
 
 def load_cached(path: Path, log=print) -> Any:
     """The value saved at ``path`` if its sha256 matches its ``.sha256`` sidecar, else ``MISSING``.
-    A corrupted file (hash mismatch, unreadable) is reported and removed; a file from before sidecars
-    existed is trusted once and given one."""
+    A file whose sidecar is missing or does not match, or that cannot be read, is reported and removed
+    (rebuilt by the caller): it is never trusted, nor given a sidecar that would certify it."""
     side = path.with_name(path.name + ".sha256")
     if not path.is_file():
         return MISSING
-    digest = _sha256(path)
-    if side.is_file() and side.read_text().strip() != digest:
+    if not side.is_file():
+        log(f"cache file {path.name} has no sha256 sidecar (unverifiable): rebuilding it")
+    elif side.read_text().strip() != _sha256(path):
         log(f"cache file {path.name} is corrupted (sha256 mismatch): rebuilding it")
     else:
         try:
-            value = torch.load(path, weights_only=False)
-            if not side.is_file():
-                side.write_text(digest)
-            return value
-        except Exception:  # a file cut by an interruption
+            return torch.load(path, weights_only=False)
+        except Exception:  # noqa: BLE001 - verified yet unreadable: written by another version
             log(f"cache file {path.name} is unreadable: rebuilding it")
     path.unlink()
+    side.unlink(missing_ok=True)
     return MISSING
 
 
@@ -73,7 +101,10 @@ def save_cached(path: Path, value: Any) -> None:
 
     tmp = path.with_suffix(".tmp")
     torch.save(value, tmp)
-    path.with_name(path.name + ".sha256").write_text(_sha256(tmp))
+    side = path.with_name(path.name + ".sha256")
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(_sha256(tmp))
+    side_tmp.replace(side)
     tmp.replace(path)
     note_product(path)
 
@@ -90,7 +121,7 @@ def cached_value(path: Path, fn, log=print) -> Any:
 def logprobs_cached(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Intervention = None,
                     tag: str = "", desc: str = "logits") -> torch.Tensor:
     """Last-position log-probs, cached by model, prompts and intervention tag."""
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag)
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), tag)
     path = run_cache(cfg, "logprobs") / f"{key}.pt"
     bs = cfg["eval"]["fwd_batch_size"]
     return cached_value(path, lambda: last_token_logprobs(bundle, [p.text for p in prompts], bs, intervention, desc))
@@ -98,7 +129,7 @@ def logprobs_cached(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Inte
 
 def scores_cached(cfg, bundle, prompts, intervention: Intervention = None, tag: str = "", desc: str = "scores") -> torch.Tensor:
     """Refusal scores (n,) of prompts, cached (stores only the scores, not the vocabulary)."""
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], tag, "score")
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), tag, "score")
     path = run_cache(cfg, "scores") / f"{key}.pt"
     bs = cfg["eval"]["fwd_batch_size"]
     return cached_value(path, lambda: refusal_score(
@@ -146,7 +177,7 @@ def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle) -> TrainVal:
 
 def mean_residuals(cfg, bundle, prompts: Sequence[D.Prompt], desc: str) -> torch.Tensor:
     """Float64 mean block-input residual (layers, n_post, d) over prompts, cached."""
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], "mean-resid", bundle.n_post)
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), "mean-resid", bundle.n_post)
     path = run_cache(cfg, "acts") / f"{key}.pt"
 
     def compute():
@@ -242,7 +273,7 @@ def completions_path(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Int
     """The generation cache file of these prompts for this model (name and weight edit) and intervention.
     Only ``bundle.name`` and ``bundle.edit`` are read, so a stand-in object finds cached completions
     without loading a model."""
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], cfg["eval"]["max_new_tokens"],
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), cfg["eval"]["max_new_tokens"],
                     str(type(intervention).__name__), tensor_tag(intervention.vector) if isinstance(intervention, ActAdd) else "",
                     getattr(intervention, "layer", ""), getattr(intervention, "coeff", ""))
     return run_cache(cfg, "gen") / f"{key}.jsonl"
@@ -250,17 +281,14 @@ def completions_path(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Int
 
 def read_completions(path: Path, n: int) -> list[dict[str, Any]]:
     """Completions from a finished generation cache file, in prompt order; a clear error if incomplete."""
-    rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[r["i"]] = r
+    from .generation import read_cache_rows
+
+    rows, _, bad = read_cache_rows(path)
     missing = [i for i in range(n) if i not in rows]
     if missing:
-        raise FileNotFoundError(f"{path} holds {n - len(missing)} of {n} completions: run the notebook that generates them first.")
+        raise FileNotFoundError(f"{path} holds {n - len(missing)} of {n} verified completions"
+                                + (f" ({bad} rows failed their digest)" if bad else "")
+                                + ": run the notebook that generates them first.")
     return [{"text": rows[i]["text"], "ids": rows[i]["ids"]} for i in range(n)]
 
 

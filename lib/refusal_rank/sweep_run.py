@@ -55,7 +55,8 @@ from .generation import cache_key, generate
 from .metrics import is_refusal, kl_rows, rate_with_ci, refusal_labels
 from .models import ModelBundle
 from .pipeline import (MISSING, TrainVal, cached_value, filtered_train_val, load_cached, logprobs_cached,
-                       mean_residuals, model_tag, save_cached, scores_cached, val_ablation_score)
+                       mean_residuals, model_identity, model_tag, prompt_key, save_cached, scores_cached,
+                       val_ablation_score)
 from .results import run_cache
 from .sweep import IteratedResult, OptimizeBatch, extend_basis, iterated, optimized_k
 
@@ -137,7 +138,7 @@ class AttackContext:
 
 
 def grid_acts(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.Prompt], layers: list[int], desc: str) -> torch.Tensor:
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], layers, bundle.n_post, "sweep-acts")
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), layers, bundle.n_post, "sweep-acts")
     return cached_value(run_cache(cfg, "acts") / f"{key}.pt", lambda: collect_residuals(
         bundle, [p.text for p in prompts], cfg["eval"]["fwd_batch_size"], layers=layers, desc=desc).to(torch.bfloat16))
 
@@ -159,9 +160,7 @@ def _target_pool(cfg: dict[str, Any]) -> list[D.Prompt]:
 
 
 def _targets_path(cfg: dict[str, Any], direction: torch.Tensor) -> Path:
-    from .config import config_hash
-
-    key = cache_key(config_hash(cfg, "model"), [p.id for p in _target_pool(cfg)], cfg["sweep"]["optimized"]["target_tokens"],
+    key = cache_key(model_identity(cfg), prompt_key(_target_pool(cfg)), cfg["sweep"]["optimized"]["target_tokens"],
                     tensor_tag(direction), "targets")
     return run_cache(cfg, "targets") / f"{key}.pt"
 
@@ -217,7 +216,7 @@ def kl_between(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.Pro
                U: torch.Tensor, ref_lp: torch.Tensor | None = None) -> float:
     """Mean first-token KL(model with span(U_ref) ablated || model with span(U) ablated) on ``prompts``;
     ``ref_lp`` may hold the reference's log-probs. Only the value is cached (log-probs are vocabulary-wide)."""
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], _abl_tag(U_ref), _abl_tag(U), "kl")
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), _abl_tag(U_ref), _abl_tag(U), "kl")
 
     def compute() -> float:
         from .activations import last_token_logprobs
@@ -295,7 +294,7 @@ def _basis_cache(ctx: AttackContext, name: str, knobs: Any):
     activations were read at, the seed and every prompt (train and val) it saw."""
     tv = ctx.tv
     key = cache_key(model_tag(ctx.cfg, ctx.bundle), name, knobs, ctx.layers, ctx.bundle.n_post, ctx.cfg["seed"],
-                    [p.id for p in tv.harmful_train + tv.harmless_train + tv.harmful_val + tv.harmless_val])
+                    prompt_key(tv.harmful_train + tv.harmless_train + tv.harmful_val + tv.harmless_val))
     return run_cache(ctx.cfg, "bases") / f"{name}-{key}.pt"
 
 
@@ -517,7 +516,7 @@ def sweep_generate(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D
     """Greedy completions of the bundle as it stands (any weight edit is in its tag), cached. ``verdict``:
     rows stop at the first refusal marker (verdict-only completions, cached apart from full ones)."""
     e = cfg["eval"]
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], max_new_tokens, "verdict" if verdict else "full", "sweep")
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), max_new_tokens, "verdict" if verdict else "full", "sweep")
     return generate(bundle, [p.text for p in prompts], max_new_tokens, e["gen_batch_size"],
                     cache_file=run_cache(cfg, "gen") / f"{key}.jsonl", desc=desc, engine=e["gen_engine"],
                     cache=e["gen_cache"], stop_on_refusal=verdict)
@@ -560,7 +559,7 @@ def evaluate_k(cfg: dict[str, Any], bundle: ModelBundle, U: torch.Tensor, prompt
 def ce_on_reference(cfg: dict[str, Any], bundle: ModelBundle, ref: tuple[list[D.Prompt], list[list[int]]]) -> float:
     """CE of the bundle as it stands (any weight edit is named by its model tag) on the reference completions, cached."""
     prompts, ids = ref
-    key = cache_key(model_tag(cfg, bundle), [p.id for p in prompts], ids, "ce")
+    key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), ids, "ce")
     return round(float(cached_value(run_cache(cfg, "ce") / f"{key}.pt", lambda: completion_ce(
         bundle, [p.text for p in prompts], ids, cfg["eval"]["fwd_batch_size"]))), 5)
 

@@ -25,6 +25,7 @@ Design:
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -167,14 +168,74 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _prev_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
 def save_checkpoint(path: Path, model, opt, state: TrainState, basis: torch.Tensor | None) -> None:
+    """The rolling checkpoint, written atomically with a sha256 sidecar (``ckpt.sha256``); the previous good
+    one is kept as ``ckpt.prev.pt`` (with its sidecar), the fallback if the newest turns out corrupted.
+    Order: the new file and its digest are complete before anything is replaced, the sidecar is written
+    before the checkpoint is renamed into place, so an interruption never leaves a checkpoint whose
+    sidecar is missing or stale (only a missing checkpoint, and the previous one beside it)."""
+    from .models import sha256_file
+
     tmp = path.with_suffix(".tmp")
     torch.save({"weights": trainable_state(model), "opt": opt.state_dict(), "state": state.__dict__, "basis": basis}, tmp)
+    digest = sha256_file(tmp)
+    side, prev = path.with_suffix(".sha256"), _prev_path(path)
+    if path.is_file() and side.is_file():  # rotate the current one into the fallback: its digest first, then itself
+        prev_side = prev.with_suffix(".sha256")
+        prev_side.with_suffix(".sha256.tmp").write_text(side.read_text())
+        os.replace(prev_side.with_suffix(".sha256.tmp"), prev_side)
+        os.replace(path, prev)
+    side_tmp = side.with_suffix(".sha256.tmp")
+    side_tmp.write_text(digest + "\n")
+    os.replace(side_tmp, side)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, model, opt) -> tuple[TrainState, torch.Tensor | None]:
-    ck = torch.load(path, weights_only=False)
+def _read_checkpoint(path: Path, model, legacy_ok: bool) -> tuple[dict[str, Any] | None, str]:
+    """(checkpoint, '') if ``path`` matches its sidecar and fits ``model``; else (None, why)."""
+    from .models import sha256_file
+
+    side = path.with_suffix(".sha256")
+    if not path.is_file():
+        return None, "is missing"
+    if side.is_file():
+        if side.read_text().strip() != sha256_file(path):
+            return None, "does not match its sha256 sidecar (corrupted or cut)"
+    elif not legacy_ok:
+        return None, "has no sha256 sidecar (an interrupted write)"
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a cut or foreign file, whatever the exception
+        return None, f"cannot be read ({type(e).__name__})"
+    params = dict(model.named_parameters())
+    weights = ck.get("weights") if isinstance(ck, dict) else None
+    if not isinstance(weights, dict) or any(n not in params or params[n].shape != w.shape for n, w in weights.items()):
+        return None, "does not fit this model's trainable weights"
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        return None, "holds non-finite weights"
+    return ck, ""
+
+
+def load_checkpoint(path: Path, model, opt, log=print) -> tuple[TrainState, torch.Tensor | None]:
+    """Resume state from the rolling checkpoint, checked against its digest. A corrupted, cut or unverified
+    checkpoint is not loaded: the previous good one (``ckpt.prev.pt``) is, or training restarts from step 0,
+    with one sentence saying which. A checkpoint from before checkpoints had sidecars (no sidecar, no
+    previous one beside it) is loaded once its structure fits the model (it gets a digest at the next save)."""
+    prev = _prev_path(path)
+    legacy = not path.with_suffix(".sha256").exists() and not prev.exists()
+    ck, why = _read_checkpoint(path, model, legacy_ok=legacy)
+    if ck is None:
+        ck, why_prev = _read_checkpoint(prev, model, legacy_ok=False)
+        if ck is None:
+            log(f"checkpoint {path} {why} and no good previous one exists ({prev.name} {why_prev}): training restarts from step 0")
+            return TrainState(), None
+        log(f"checkpoint {path} {why}: resuming from the previous one, {prev.name}, at step {ck['state']['step']}")
+    elif legacy and path.is_file():
+        log(f"checkpoint {path} predates checkpoint digests: loaded after a structural check")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, w in ck["weights"].items():
@@ -341,9 +402,11 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         raise ValueError("no trainable parameters: attach LoRA adapters or enable full fine-tuning first")
     opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     state, basis = TrainState(), None
-    if ckpt_path.is_file():
-        state, basis = load_checkpoint(ckpt_path, model, opt)
-        log(f"resumed {variant.name} from step {state.step} ({ckpt_path})")
+    if ckpt_path.is_file() or _prev_path(ckpt_path).is_file():
+        state, basis = load_checkpoint(ckpt_path, model, opt, log=log)
+        if state.step:
+            log(f"resumed {variant.name} from step {state.step} ({ckpt_path})")
+    saved_step = state.step if state.step else None  # the step of the checkpoint on disk, if any
     steps, per_class = tcfg["steps"], tcfg["batch_per_class"]
     end = min(steps, stop_at) if stop_at is not None else steps
     milestones = milestone_steps(tcfg)
@@ -440,15 +503,17 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         # explosion is judged on the non-negative terms (LM, KD, ablation-aware KD): the unbiased moment terms
         # are bounded ratios that may be negative on a draw, so the total loss is no yardstick
         positive = sum(v for k, v in sums.items() if k in ("lm", "kd", "abl"))
+        last = (f"The last checkpoint is {ckpt_path} at step {saved_step}" if saved_step is not None else
+                f"No last checkpoint was saved (a rerun starts from step 0)")
         if not math.isfinite(value) or (first_loss is not None and positive > tcfg["diverge_factor"] * max(first_loss, 1e-3)):
             raise TrainingDiverged(
                 f"{variant.name}: loss {value:.4g} at step {step} (first {first_loss}); training stopped. "
-                f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
+                f"{last}: lower defense.train.lr and rerun.")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"]))
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(
                 f"{variant.name}: non-finite gradient at step {step}; training stopped before the update. "
-                f"The last checkpoint is {ckpt_path} at step {state.step}: lower defense.train.lr and rerun.")
+                f"{last}: lower defense.train.lr and rerun.")
         opt.step()
         opt.zero_grad(set_to_none=True)
         first_loss = positive if first_loss is None else first_loss
@@ -471,6 +536,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         state.moment_memory = memory.state_dict() if memory.size else None
         if state.step % tcfg["ckpt_every"] == 0 or at_milestone or state.step == end:
             save_checkpoint(ckpt_path, model, opt, state, basis)
+            saved_step = state.step
         done_here += 1
         if stop_after is not None and done_here >= stop_after:
             break
