@@ -68,3 +68,21 @@ def test_its_figures_redraw_from_results_alone(executed, tmp_path):
     assert sorted(done) == names
     for n in names:
         assert (tmp_path / f"{n}.png").read_bytes() == (ROOT / "figures" / "tiny" / f"{n}.png").read_bytes()
+
+
+def test_the_series_executed_on_tiny_shows_no_warning():
+    """Every notebook of the tiny series, as run_tests.sh executed it into runs/tiny/ just before pytest
+    (REFUSAL_RANK_EXECUTED_01 says that it did): no warning on stderr, no progress-bar fragment, no widget."""
+    import os
+    import re
+
+    if not os.environ.get("REFUSAL_RANK_EXECUTED_01"):
+        pytest.skip("reads the series run_tests.sh executes before pytest")
+    executed = sorted((ROOT / "runs" / "tiny").glob("[0-9][0-9]_*.ipynb"))
+    assert executed, "run_tests.sh executed no notebook into runs/tiny/"
+    for path in executed:
+        for o in outputs(json.loads(path.read_text())):
+            text = "".join(o.get("text", ""))
+            assert not (o.get("name") == "stderr" and re.search(r"\w*Warning: ", text)), f"{path.name}: {text[:300]}"
+            assert "it/s]" not in text and "\r" not in text, f"{path.name}: {text[:300]}"
+            assert "application/vnd.jupyter.widget-view+json" not in o.get("data", {}), path.name

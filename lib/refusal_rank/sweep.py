@@ -190,7 +190,8 @@ def optimize_subspace(bundle: ModelBundle, train: OptimizeBatch, init: torch.Ten
             opt.zero_grad()
             terms["loss"].backward()
         opt.step()
-        history.append({"step": step, **{k: round(float(v), 5) for k, v in terms.items()}})
+        history.append({"step": step, **{k: round(float(v.detach()) if torch.is_tensor(v) else float(v), 5)
+                                           for k, v in terms.items()}})
     with torch.no_grad():
         basis = torch.linalg.qr(W.detach().double())[0]
     return basis, history
