@@ -355,3 +355,67 @@ def test_divergence_message_names_no_checkpoint_that_does_not_exist(tiny_cfg, tm
     with pytest.raises(TrainingDiverged) as e:
         _train_tiny(tiny_cfg, tmp_path / "ckpt.pt", teacher=bad)
     assert "No last checkpoint was saved" in str(e.value) and str(tmp_path / "ckpt.pt") not in str(e.value)
+
+
+# ---- 6. one sentence and a non-zero exit for bad input; portable summaries; scripts run as plain Python ---
+
+BAD_TOOL_INPUTS = [
+    ("compare_summaries missing file", ["tools/compare_summaries.py", "/nonexistent/a.json", "/nonexistent/b.json"],
+     "compare_summaries.py: /nonexistent/a.json cannot be read"),
+    ("judge_sample unknown profile", ["tools/judge_sample.py", "--profile", "nope", "--out", "/tmp/never.jsonl"],
+     "judge_sample.py: Unknown profile 'nope'"),
+    ("pilot_moments unknown profile", ["tools/pilot_moments.py", "--profile", "nope"], "pilot_moments.py: Unknown profile 'nope'"),
+    ("train_variant bad --until", ["tools/train_variant.py", "--profile", "tiny", "--variant", "kl_only", "--until", "abc"],
+     "--until abc: not a milestone"),
+    ("cli report unknown profile", ["-m", "refusal_rank.cli", "report", "--profile", "nope"], "refusal-rank report: unknown profile 'nope'"),
+    ("cli figures unknown profile", ["-m", "refusal_rank.cli", "figures", "--profile", "nope"], "refusal-rank figures: unknown profile 'nope'"),
+    ("report module unknown profile", ["-m", "refusal_rank.report", "--profile", "nope"], "refusal-rank report: unknown profile 'nope'"),
+]
+
+
+@pytest.mark.parametrize("what,args,message", BAD_TOOL_INPUTS, ids=[b[0] for b in BAD_TOOL_INPUTS])
+def test_tool_bad_input_is_one_sentence_and_nonzero_exit(what, args, message, tmp_path):
+    import sys
+
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "REFUSAL_RANK_RESULTS": str(tmp_path / "results"),
+                            "REFUSAL_RANK_FIGURES": str(tmp_path / "figures")})
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and not l.startswith("  warnings.warn")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not (ROOT / "results" / "nope").exists() and not (ROOT / "figures" / "nope").exists()
+
+
+def test_summary_stores_no_absolute_cache_path(tiny, tiny_cfg, private_cache):
+    import torch
+
+    from refusal_rank import pipeline as P
+    from refusal_rank.data import Prompt
+    from refusal_rank.results import run_cache
+
+    u = torch.nn.functional.normalize(torch.randn(tiny.d_model, dtype=torch.float64), dim=0)[:, None]
+    check = P.export_check(tiny_cfg, tiny, u, [Prompt("x", "Say hello.", "harmless")], run_cache(tiny_cfg, "export_k1"))
+    assert check["path"] == "<cache>/runs/tiny/export_k1"
+
+
+def test_notebook_sources_use_no_undefined_name():
+    """Each notebook's source runs under plain Python too (`python notebooks/src/02_k1_attack.py`): no name
+    that only Jupyter defines (``display``) and nothing else undefined at module level."""
+    import builtins
+    import symtable
+
+    for path in sorted((ROOT / "notebooks" / "src").glob("*.py")):
+        top = symtable.symtable(path.read_text(), str(path), "exec")
+        defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+        undefined = set()
+
+        def walk(t):
+            for s in t.get_symbols():
+                n = s.get_name()
+                if s.is_referenced() and (t is top or s.is_global()) and n not in defined and not hasattr(builtins, n):
+                    undefined.add(n)
+            for c in t.get_children():
+                walk(c)
+
+        walk(top)
+        assert not undefined, (path.name, undefined)

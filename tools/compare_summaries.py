@@ -37,18 +37,33 @@ def diff(a: Any, b: Any, rtol: float, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def main() -> None:
+def _load(path: str) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror.lower() if e.strerror else type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--rtol", type=float, default=0.0)
     args = ap.parse_args()
-    d = diff(json.load(open(args.a)), json.load(open(args.b)), args.rtol)
+    if args.rtol < 0:
+        ap.error(f"--rtol {args.rtol}: a tolerance is >= 0")
+    d = diff(_load(args.a), _load(args.b), args.rtol)
     if d:
         print(f"{len(d)} difference(s) between {args.a} and {args.b}:", *d[:50], sep="\n  ")
-        sys.exit(1)
+        return 1
     print(f"summaries agree ({'bitwise' if args.rtol == 0 else f'rtol {args.rtol}'}, volatile keys ignored)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from refusal_rank.errors import run_main
+
+    sys.exit(run_main("compare_summaries.py", main))

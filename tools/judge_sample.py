@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 
 from types import SimpleNamespace
 
@@ -107,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from refusal_rank.errors import run_main
+
+    sys.exit(run_main("judge_sample.py", main))

@@ -12,6 +12,7 @@ shrinking? Writes results/<profile>/pilot_moments.json. Not a defense result: a 
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import tempfile
 import time
@@ -68,4 +69,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from refusal_rank.errors import run_main
+
+    sys.exit(run_main("pilot_moments.py", main))

@@ -90,7 +90,10 @@ def _parse_until(cfg: dict, text: str | None) -> int | None:
     if text is None:
         return None
     ms = milestone_steps(cfg["defense"]["train"])
-    step = round(float(text[:-1]) * ms[0]) if text.endswith("x") else int(text)
+    try:
+        step = round(float(text[:-1]) * ms[0]) if text.endswith("x") else int(text)
+    except ValueError:
+        step = None
     if step not in ms:
         raise SystemExit(f"--until {text}: not a milestone; the profile's are "
                          + ", ".join(f"{R.budget_label(cfg, m)} (step {m})" for m in ms))
@@ -180,12 +183,29 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _known_profile(name: str | None) -> str:
+    """The profile a read-only command (report, figures) names, if a config defines it."""
+    from .config import ProfileError, available_profiles, resolve_profile_name
+
+    profile = resolve_profile_name(name)
+    if profile not in available_profiles():
+        raise ProfileError(f"unknown profile {profile!r}: choose one of {', '.join(available_profiles())}.")
+    return profile
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every bad input ends in one sentence on stderr and a non-zero exit (:mod:`refusal_rank.errors`)."""
+    from .errors import run_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "audit":  # its options are the audit's own
-        return cmd_audit(argv[1:])
+        return run_main("refusal-rank audit", cmd_audit, argv[1:])
     a = parser().parse_args(argv)
-    return a.fn(a)
+    if a.command in ("report", "figures"):
+        rc = run_main(f"refusal-rank {a.command}", _known_profile, a.profile)
+        if rc:
+            return rc
+    return run_main(f"refusal-rank {a.command}", a.fn, a)
 
 
 if __name__ == "__main__":

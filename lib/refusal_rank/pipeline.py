@@ -363,8 +363,22 @@ def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], 
     lp_export = last_token_logprobs(rb, texts, bs, desc="export")
     lp_runtime = last_token_logprobs(bundle, texts, bs, Ablation(basis), desc="runtime")
     del reloaded, rb
-    return {"path": str(out_dir), "max_abs_logprob_diff": round((lp_export - lp_runtime).abs().max().item(), 5),
+    return {"path": portable_path(out_dir), "max_abs_logprob_diff": round((lp_export - lp_runtime).abs().max().item(), 5),
             "kl_runtime_vs_export": round(kl_rows(lp_runtime, lp_export).mean().item(), 6), "n": len(texts)}
+
+
+def portable_path(path: Path) -> str:
+    """A path as the summary stores it: relative to the cache root (``<cache>/runs/...``) or the repository,
+    so that two machines' summaries of the same run compare equal; other paths as given."""
+    from .config import REPO_ROOT, cache_root
+
+    p = Path(path).resolve()
+    for root, name in ((cache_root().resolve(), "<cache>"), (REPO_ROOT.resolve(), ".")):
+        try:
+            return f"{name}/{p.relative_to(root).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)
 
 
 def correlation_report(scores: Sequence[float], labels: Sequence[float]) -> dict[str, float]:

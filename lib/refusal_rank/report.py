@@ -198,15 +198,14 @@ def readme_block(profile: str, kind: str = "results") -> str | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from .cli import main as cli_main
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--headline", action="store_true", help="print only the headline tables (run_all.sh's summary)")
     a = ap.parse_args()
-    if a.headline:
-        s = read_summary(a.profile)
-        print("\n\n".join(p for p in (headline_table(s), defense_table(s)) if p) or render(a.profile))
-    else:
-        print(render(a.profile))
-    if a.write_readme and not write_readme(a.profile):
-        print(f"README.md has no results block for {a.profile}")
+    # the same command as `refusal-rank report` (one sentence and exit 2 for an unknown profile)
+    sys.exit(cli_main(["report", "--profile", a.profile] + ["--write-readme"] * a.write_readme + ["--headline"] * a.headline))

@@ -22,6 +22,7 @@ import time
 
 import pandas as pd
 import torch
+from IPython.display import display  # a builtin in Jupyter only: the script also runs under plain Python
 
 from refusal_rank import pipeline as P
 from refusal_rank import plotting
