@@ -1,4 +1,4 @@
-"""Issue 18, "nothing silent": one test per defect found by trying the tiny profile as a hostile but
+"""Nothing silent: one test per defect found by trying the tiny profile as a hostile but
 honest user would. Each of these failed on the code before the fix. Fast: synthetic configs, tmp dirs,
 fake notebooks; the tiny model only where a cache key or a checkpoint needs one."""
 from __future__ import annotations
