@@ -183,14 +183,13 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _known_profile(name: str | None) -> str:
-    """The profile a read-only command (report, figures) names, if a config defines it."""
+def _check_profile(name: str | None) -> None:
+    """A read-only command (report, figures) names a profile that a config defines, or stops here."""
     from .config import ProfileError, available_profiles, resolve_profile_name
 
     profile = resolve_profile_name(name)
     if profile not in available_profiles():
         raise ProfileError(f"unknown profile {profile!r}: choose one of {', '.join(available_profiles())}.")
-    return profile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_main("refusal-rank audit", cmd_audit, argv[1:])
     a = parser().parse_args(argv)
     if a.command in ("report", "figures"):
-        rc = run_main(f"refusal-rank {a.command}", _known_profile, a.profile)
+        rc = run_main(f"refusal-rank {a.command}", _check_profile, a.profile)
         if rc:
             return rc
     return run_main(f"refusal-rank {a.command}", a.fn, a)
