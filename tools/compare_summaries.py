@@ -12,7 +12,8 @@ import math
 import sys
 from typing import Any
 
-VOLATILE = {"created", "commit", "timings_s", "timings_fresh", "throughput", "seconds", "tokens_per_s", "bench"}
+VOLATILE = {"created", "commit", "timings_s", "timings_fresh", "throughput", "seconds", "tokens_per_s", "bench",
+            "peak_gflops", "fraction_of_peak", "achieved_gflops"}  # speeds measured in the run
 
 
 def diff(a: Any, b: Any, rtol: float, path: str = "") -> list[str]:
