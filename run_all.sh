@@ -57,10 +57,16 @@ if [ ${#SEL[@]} -eq 0 ]; then
   echo "run_all.sh: the selection (${ONLY:+--only $ONLY }${FROM:+--from $FROM }${TO:+--to $TO }) matches no notebook in $NB_DIR (they are:${NUMS:- none}); nothing was run or deleted." >&2
   exit 2
 fi
+# This clone's library, configs, data and results, whichever clone's .venv runs them (two clones may share
+# one, whose editable install imports the clone that installed it): PYTHONPATH puts this lib/ first for
+# every Python started from here (papermill's kernel included), REFUSAL_RANK_ROOT names this clone
+# (refusal_rank.config reads it and stops with one sentence if it does not match).
+export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 scripts/setup_env.sh "$PROFILE"
-# The kernel papermill runs and JupyterLab offers for these notebooks: this .venv's Python (idempotent).
+# The kernel papermill runs and JupyterLab offers for these notebooks: this .venv's Python (idempotent),
+# named by its physical path, so that a clone sharing the .venv through a symlink writes the same kernel.
 KERNEL=refusal-rank
-.venv/bin/python -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "refusal-rank (.venv)" >/dev/null
+"$(cd .venv/bin && pwd -P)/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "refusal-rank (.venv)" >/dev/null
 export REFUSAL_RANK_PROFILE="$PROFILE" PYTHONUNBUFFERED=1
 # Progress bars are for people at a notebook: in these unattended runs they would only fill the executed
 # notebooks with fragments. TQDM_DISABLE switches off the library's bars (refusal_rank.progress), the

@@ -358,6 +358,50 @@ def test_divergence_message_names_no_checkpoint_that_does_not_exist(tiny_cfg, tm
     assert "No last checkpoint was saved" in str(e.value) and str(tmp_path / "ckpt.pt") not in str(e.value)
 
 
+def test_k1_export_has_a_digest_and_a_damaged_or_unverifiable_one_is_rebuilt(tiny, tiny_cfg, private_cache):
+    """Notebook 02's K=1 export is written atomically with a sha256 manifest of every file; an intact one is
+    reused, a corrupted one or one without its manifest is rebuilt on the next run, never trusted."""
+    import json
+
+    import torch
+
+    from refusal_rank import pipeline as P
+    from refusal_rank.data import Prompt
+    from refusal_rank.models import sha256_file, verify_manifest
+    from refusal_rank.results import run_cache
+
+    u = torch.nn.functional.normalize(torch.randn(tiny.d_model, 1, generator=torch.Generator().manual_seed(3)), dim=0)
+    out = run_cache(tiny_cfg, "export_k1")
+    logged: list[str] = []
+
+    def export():
+        return P.export_check(tiny_cfg, tiny, u, [Prompt("x", "Say hello.", "harmless")], out, log=logged.append)
+
+    first = export()
+    w = out / "model.safetensors"
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert verify_manifest(out) and {"model.safetensors", "config.json", "README.md"} <= set(manifest)
+    assert not out.with_name("export_k1.partial").exists()
+    good, written = sha256_file(w), w.stat().st_mtime_ns
+    assert export() == first and w.stat().st_mtime_ns == written and not logged  # intact: reused as it is
+
+    def flip():
+        data = bytearray(w.read_bytes())
+        data[-3] ^= 0xFF  # a weight byte: the file still loads, with another weight
+        w.write_bytes(bytes(data))
+
+    flip()
+    assert export() == first and "does not match its digest manifest" in logged[-1]
+    assert verify_manifest(out) and sha256_file(w) == good
+    flip()
+    (out / "MANIFEST.json").unlink()  # an export without its digest (as every export was before)
+    assert export() == first and "no digest manifest" in logged[-1]
+    assert verify_manifest(out) and sha256_file(w) == good
+    v = torch.nn.functional.normalize(torch.randn(tiny.d_model, 1, generator=torch.Generator().manual_seed(4)), dim=0)
+    P.export_check(tiny_cfg, tiny, v, [Prompt("x", "Say hello.", "harmless")], out, log=logged.append)
+    assert "another model, basis or card" in logged[-1] and sha256_file(w) != good and verify_manifest(out)
+
+
 # ---- 6. one sentence and a non-zero exit for bad input; portable summaries; scripts run as plain Python ---
 
 BAD_TOOL_INPUTS = [
@@ -420,3 +464,98 @@ def test_notebook_sources_use_no_undefined_name():
 
         walk(top)
         assert not undefined, (path.name, undefined)
+
+
+# ---- 7. two clones sharing one virtual environment: the clone run from is the one used -----------------
+
+def _second_clone(tmp_path: Path) -> Path:
+    """Another clone of the project, whose ``.venv`` is this clone's (a symlink): the editable install in it
+    imports this clone's library."""
+    import shutil
+
+    clone = tmp_path / "clone2"
+    clone.mkdir()
+    for d in ("configs", "data", "lib", "scripts", "tools"):
+        shutil.copytree(ROOT / d, clone / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for f in ("run_all.sh", "pyproject.toml"):
+        shutil.copy2(ROOT / f, clone / f)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    return clone
+
+
+def _in_clone(clone: Path, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` by the shared .venv's Python from ``cwd`` (the clone), with the environment ``env`` adds."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("REFUSAL_RANK_ROOT", "PYTHONPATH", "REFUSAL_RANK_RESULTS", "REFUSAL_RANK_FIGURES")}
+    return subprocess.run([str(clone / ".venv" / "bin" / "python"), *args], cwd=cwd or clone, capture_output=True,
+                          text=True, timeout=300, env={**base, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env})
+
+
+def _sentence(r: subprocess.CompletedProcess) -> str:
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and not l.startswith("  warnings.warn")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr + r.stdout
+    return lines[0]
+
+
+def test_second_clone_sharing_the_venv_uses_its_own_files_or_stops_with_one_sentence(tmp_path):
+    import json
+
+    import refusal_rank
+
+    clone = _second_clone(tmp_path)
+    lib_clone = Path(refusal_rank.__file__).resolve().parents[2]  # whose library the shared .venv imports
+    cache = str(tmp_path / "cache")
+    # from the second clone, with nothing set: which clone was meant cannot be known, so one sentence
+    # naming both (before: exit 0, the first clone's report, configs and results)
+    for args in (["-m", "refusal_rank.cli", "report", "--profile", "tiny"],
+                 ["tools/judge_sample.py", "--profile", "tiny", "--out", str(tmp_path / "s.jsonl")],
+                 ["tools/train_variant.py", "--profile", "tiny", "--variant", "kl_only", "--until", "abc"]):
+        line = _sentence(_in_clone(clone, *args, REFUSAL_RANK_CACHE=cache))
+        assert f"in the clone {clone}" in line and str(lib_clone) in line, line
+        assert f"REFUSAL_RANK_ROOT={clone}" in line and "own .venv" in line, line
+    where = ("import json, refusal_rank, refusal_rank.config as C; cfg = C.load_config('tiny'); "
+             "print(json.dumps([refusal_rank.__file__, str(C.REPO_ROOT), cfg['_path'], str(C.results_dir('tiny')), "
+             "str(C.figures_dir('tiny'))]))")
+    r = _in_clone(clone, "-c", where, cwd=clone / "data", REFUSAL_RANK_CACHE=cache)  # a notebook's view, below the root
+    assert r.returncode != 0 and "CloneError" in r.stderr and f"in the clone {clone}" in r.stderr, r.stderr
+    # the fix the sentence names (what run_all.sh sets): every path in the second clone
+    r = _in_clone(clone, "-c", where, PYTHONPATH=str(clone / "lib"), REFUSAL_RANK_ROOT=str(clone))
+    assert r.returncode == 0, r.stderr
+    lib, root, config, results, figures = json.loads(r.stdout)
+    assert Path(lib).is_relative_to(clone / "lib") and Path(root) == clone
+    assert Path(config) == clone / "configs" / "tiny.toml"
+    assert Path(results) == clone / "results" / "tiny" and Path(figures) == clone / "figures" / "tiny"
+    # REFUSAL_RANK_ROOT alone: its files, but another clone's library; a root that is no clone
+    line = _sentence(_in_clone(clone, "-m", "refusal_rank.cli", "report", "--profile", "tiny", REFUSAL_RANK_ROOT=str(clone)))
+    assert f"REFUSAL_RANK_ROOT is {clone}" in line and str(lib_clone / "lib") in line and f"PYTHONPATH={clone}/lib" in line
+    line = _sentence(_in_clone(clone, "-m", "refusal_rank.cli", "report", "--profile", "tiny",
+                               cwd=tmp_path, REFUSAL_RANK_ROOT=str(tmp_path / "nowhere")))
+    assert "nowhere is not a clone of this project" in line, line
+
+
+def test_run_all_in_a_second_clone_runs_that_clones_library_and_files(tmp_path):
+    """run_all.sh of the second clone, run by the shared .venv: its notebooks import the second clone's
+    library and read its configs (before: the first clone's, through the editable install)."""
+    import hashlib
+    import json
+
+    stamp = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "scripts" / "setup_env.sh").read_bytes())
+    if not (ROOT / ".venv" / f".stamp-{stamp.hexdigest()[:16]}").is_file():
+        pytest.skip("the .venv is not set up for this checkout: setup_env.sh would reinstall the shared environment")
+    clone = _second_clone(tmp_path)
+    (clone / "notebooks").mkdir()
+    log = tmp_path / "where.json"
+    _nb(clone / "notebooks" / "01_where.ipynb",
+        "import json, os, refusal_rank, refusal_rank.config as C\n"
+        "cfg = C.load_config(profile)\n"
+        "open(os.environ['WHERE_LOG'], 'w').write(json.dumps([refusal_rank.__file__, str(C.REPO_ROOT), cfg['_path']]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_RANK_") and k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WHERE_LOG=str(log), REFUSAL_RANK_CACHE=str(tmp_path / "cache"),
+               REFUSAL_RANK_RESULTS=str(tmp_path / "results"), REFUSAL_RANK_FIGURES=str(tmp_path / "figures"))
+    r = subprocess.run(["./run_all.sh", "--profile", "tiny"], cwd=clone, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lib, root, config = json.loads(log.read_text())
+    assert Path(lib).resolve().is_relative_to(clone / "lib") and Path(root) == clone
+    assert Path(config) == clone / "configs" / "tiny.toml"
+    kernel = json.loads((ROOT / ".venv" / "share" / "jupyter" / "kernels" / "refusal-rank" / "kernel.json").read_text())
+    assert kernel["argv"][0] == str((ROOT / ".venv" / "bin").resolve() / "python")  # the shared kernel names no clone

@@ -109,13 +109,68 @@ def orthogonalized(bundle: ModelBundle, basis: torch.Tensor) -> Iterator[ModelBu
             model.config.tie_word_embeddings = True
 
 
-def export_orthogonalized(bundle: ModelBundle, basis: torch.Tensor, out_dir: str | Path) -> Path:
-    """Save an orthogonalised copy as a plain HF checkpoint that ``from_pretrained`` loads."""
+EXPORT_KEY = "export_key.json"  # what an export was made from (the caller's key), listed in its manifest
+
+
+def export_orthogonalized(bundle: ModelBundle, basis: torch.Tensor, out_dir: str | Path,
+                          card: dict[str, Any] | None = None, key: dict[str, Any] | None = None) -> Path:
+    """Save an orthogonalised copy as a plain HF checkpoint that ``from_pretrained`` loads, atomically and with
+    a digest of every file: weights, tokenizer, the model card ``card`` and ``key`` (as ``export_key.json``)
+    when given, are written into ``<out_dir>.partial``, its ``MANIFEST.json`` of sha256 last
+    (:func:`refusal_rank.models.write_manifest`), and the folder is then renamed into place. A folder at
+    ``out_dir`` written here is complete and verifiable (:func:`reusable_export`); an interrupted export leaves
+    only the ``.partial`` folder, which the next one removes."""
+    import json
+    import shutil
+
+    from .model_card import write_model_card
+    from .models import write_manifest
     from .results import note_product
 
     out_dir = Path(out_dir)
     note_product(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     with orthogonalized(bundle, basis):
-        bundle.model.save_pretrained(out_dir)
-    bundle.tokenizer.save_pretrained(out_dir)
+        bundle.model.save_pretrained(tmp)
+    bundle.tokenizer.save_pretrained(tmp)
+    if card is not None:
+        write_model_card(tmp, card)
+    if key is not None:
+        (tmp / EXPORT_KEY).write_text(json.dumps(key, indent=1, sort_keys=True, default=str) + "\n")
+    write_manifest(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
+
+
+def reusable_export(out_dir: str | Path, key: dict[str, Any], log=print) -> bool:
+    """Whether ``out_dir`` holds an export of ``key`` that can be trusted: a ``MANIFEST.json`` that every file
+    it lists hashes to, and the same ``export_key.json``. Anything else (no manifest: an export from before
+    digests were kept, or not written by :func:`export_orthogonalized`; a file that does not match; another
+    model or basis) is said and answered False, for the caller to rebuild it: never trusted, never certified."""
+    import json
+
+    from .models import verify_manifest
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return False
+    if not (out_dir / "MANIFEST.json").is_file():
+        log(f"export {out_dir.name} has no digest manifest (unverifiable): rebuilding it")
+        return False
+    try:
+        intact = verify_manifest(out_dir)
+    except ValueError:  # a manifest that is not JSON
+        intact = False
+    if not intact:
+        log(f"export {out_dir.name} does not match its digest manifest (corrupted or incomplete): rebuilding it")
+        return False
+    try:
+        recorded = json.loads((out_dir / EXPORT_KEY).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != json.loads(json.dumps(key, sort_keys=True, default=str)):
+        log(f"export {out_dir.name} was made from another model, basis or card: rebuilding it")
+        return False
+    return True

@@ -146,6 +146,11 @@ def resolve_model(spec: str, cfg: dict[str, Any], what: str = "MODEL") -> Checkp
         d = k1_export_dir(cfg)
         if not (d / "config.json").is_file():
             raise AuditError(f"Profile {cfg['profile']} has no K=1 export at {d} yet: run notebook 02 first.")
+        from .models import verify_manifest
+
+        if not verify_manifest(d):  # its own cache: damaged or unverifiable is rebuilt, not measured
+            raise AuditError(f"Profile {cfg['profile']}'s K=1 export at {d} has no digest manifest or does not match it: "
+                             f"rerun notebook 02 to rebuild it (./run_all.sh --profile {cfg['profile']} --only 02 --fresh).")
         return Checkpoint(d, K1_EXPORT, f"profile {cfg['profile']}: notebook 02's K=1 export")
     if spec.partition("@")[0] in cfg.get("defense", {}).get("variants", {}):
         return export_variant(cfg, spec)

@@ -192,14 +192,26 @@ def _check_profile(name: str | None) -> None:
         raise ProfileError(f"unknown profile {profile!r}: choose one of {', '.join(available_profiles())}.")
 
 
+def _checked(fn, *args):
+    """``fn(*args)`` once :func:`refusal_rank.config.check_clone` found this the clone meant."""
+    from .config import check_clone
+
+    check_clone()
+    return fn(*args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Every bad input ends in one sentence on stderr and a non-zero exit (:mod:`refusal_rank.errors`)."""
     from .errors import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "audit":  # its options are the audit's own
-        return run_main("refusal-rank audit", cmd_audit, argv[1:])
+        return run_main("refusal-rank audit", _checked, cmd_audit, argv[1:])
     a = parser().parse_args(argv)
+    # run from a clone whose .venv is another clone's: one sentence, before anything runs (config.check_clone)
+    rc = run_main(f"refusal-rank {a.command}", _checked, lambda: None)
+    if rc:
+        return rc
     if a.command in ("report", "figures"):
         rc = run_main(f"refusal-rank {a.command}", _check_profile, a.profile)
         if rc:

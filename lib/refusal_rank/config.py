@@ -4,6 +4,21 @@ Why TOML: it is in the standard library (``tomllib``), allows comments that say 
 its value, and maps onto plain dicts. A profile is selected by name (``tiny``, ``cpu``,
 ``cpu-small``, ``paper``), by the ``REFUSAL_RANK_PROFILE`` environment variable, or defaults to
 ``cpu``. Nothing in ``lib`` hard-codes a number that a profile could want to change.
+
+Which clone a run uses (:data:`REPO_ROOT`: its configs/, data/, results/, figures/). Two clones may share
+one virtual environment (a symlinked ``.venv``, or one clone's venv activated in the other); its editable
+install imports the library of whichever clone ran ``pip install -e``, and a root taken from the package's
+location alone would silently read and write *that* clone's files. So:
+
+* ``$REFUSAL_RANK_ROOT``, when set, is the root. ``run_all.sh`` sets it to its own clone and puts that
+  clone's ``lib/`` first on ``PYTHONPATH``, so that papermill's kernel and every tool it starts import the
+  library of the clone being run, whichever clone's ``.venv`` runs them.
+* Otherwise the root is the clone the imported package lives in.
+* :func:`check_clone`, called by :func:`load_config` and by the ``refusal-rank`` CLI (and so by every tool)
+  before any compute, stops with one sentence when that root is not a clone, when the current directory
+  lies inside a *different* clone than the root, or when the library was imported from another clone than
+  the root: which clone was meant cannot be known there, and a guess would be silent. The sentence names
+  both paths and the fix (that clone's own ``.venv``, or ``PYTHONPATH=<clone>/lib REFUSAL_RANK_ROOT=<clone>``).
 """
 from __future__ import annotations
 
@@ -15,15 +30,74 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
-DEFAULT_PROFILE = "cpu"
-PROFILE_ENV = "REFUSAL_RANK_PROFILE"
-CACHE_ENV = "REFUSAL_RANK_CACHE"
+ROOT_ENV = "REFUSAL_RANK_ROOT"
 
 
 class ProfileError(ValueError):
     """Raised for an unknown or malformed profile."""
+
+
+class CloneError(ProfileError):
+    """This process would use another clone's configs, data and results than the one it runs from."""
+
+
+# where the imported package lives; the root is this clone unless $REFUSAL_RANK_ROOT says otherwise (module docstring)
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def is_clone(path: Path, *, script: bool = False) -> bool:
+    """Whether ``path`` holds this project's configs/ and lib/refusal_rank/ (and run_all.sh, with ``script``)."""
+    return ((path / "configs").is_dir() and (path / "lib" / "refusal_rank").is_dir()
+            and (not script or (path / "run_all.sh").is_file()))
+
+
+def clone_of(path: Path) -> Path | None:
+    """The clone of this project that ``path`` lies in (the nearest one upwards), or None."""
+    path = Path(path).resolve()
+    return next((d for d in (path, *path.parents) if is_clone(d, script=True)), None)
+
+
+def _root() -> tuple[Path, str | None]:
+    env = os.environ.get(ROOT_ENV)
+    if not env:
+        return PACKAGE_ROOT, None
+    root = Path(env).expanduser().resolve()
+    if is_clone(root):
+        return root, None
+    # kept as the root all the same: a path that fails loudly, never another clone's files
+    return root, (f"{ROOT_ENV}={env} is not a clone of this project (it has no configs/ and lib/refusal_rank/): "
+                  f"point it at the clone to run, or unset it.")
+
+
+REPO_ROOT, _ROOT_PROBLEM = _root()
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def check_clone(cwd: str | os.PathLike | None = None) -> Path:
+    """The root this process uses (:data:`REPO_ROOT`), or a :class:`CloneError` of one sentence when it may
+    not be the clone meant (see the module docstring)."""
+    if _ROOT_PROBLEM:
+        raise CloneError(_ROOT_PROBLEM)
+    if not is_clone(REPO_ROOT):  # a test's scratch root (monkeypatched); a bad $REFUSAL_RANK_ROOT stopped above
+        return REPO_ROOT
+    try:
+        here = clone_of(Path.cwd() if cwd is None else Path(cwd))
+    except OSError:  # a current directory that was deleted lies in no clone
+        here = None
+    fix = "use that clone's own .venv, or run with PYTHONPATH={c}/lib REFUSAL_RANK_ROOT={c} (run_all.sh sets both)"
+    if here is not None and here != REPO_ROOT:
+        raise CloneError(f"The current directory is in the clone {here}, but refusal_rank would use the configs, data "
+                         f"and results of the clone {REPO_ROOT} (its library was imported from {PACKAGE_ROOT / 'lib'}): "
+                         + fix.format(c=here) + ".")
+    if PACKAGE_ROOT != REPO_ROOT and is_clone(PACKAGE_ROOT):  # only a stale $REFUSAL_RANK_ROOT, or it set alone
+        raise CloneError(f"{ROOT_ENV} is {REPO_ROOT}, but the refusal_rank library was imported from another clone, "
+                         f"{PACKAGE_ROOT / 'lib'}: " + fix.format(c=REPO_ROOT) + ".")
+    return REPO_ROOT
+
+
+DEFAULT_PROFILE = "cpu"
+PROFILE_ENV = "REFUSAL_RANK_PROFILE"
+CACHE_ENV = "REFUSAL_RANK_CACHE"
 
 
 def available_profiles() -> list[str]:
@@ -44,6 +118,7 @@ def load_config(name: str | os.PathLike | None = None) -> dict[str, Any]:
     the file, the dotted key and what is allowed."""
     from .config_schema import validate
 
+    check_clone()  # another clone's configs would be read silently
     if isinstance(name, os.PathLike) or (isinstance(name, str) and name.endswith(".toml")):
         path = Path(name)
         if not path.is_file():

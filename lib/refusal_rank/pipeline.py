@@ -331,17 +331,22 @@ def evaluate_model(cfg, bundle, sets: TestSets, base_harmless: list[dict[str, An
     return res
 
 
-def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], out_dir: Path) -> dict[str, Any]:
+def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], out_dir: Path,
+                 log=print) -> dict[str, Any]:
     """Export the orthogonalised model, reload it with plain ``from_pretrained`` and compare its
-    last-token log-probs with run-time ablation through nnsight on the original weights."""
+    last-token log-probs with run-time ablation through nnsight on the original weights.
+
+    The export is a cached value like any other: written atomically with a sha256 manifest of every file
+    and a key (the model's tag, the basis, the card), and reused only when every file hashes to its manifest
+    and the key is the same; a corrupted export, or one without a manifest, is rebuilt, never trusted
+    (:func:`refusal_rank.ablation.reusable_export`)."""
     from transformers import AutoModelForCausalLM
 
-    from .ablation import export_orthogonalized, tensor_tag
-    from .model_card import write_model_card
+    from .ablation import export_orthogonalized, reusable_export, tensor_tag
     from .models import ModelBundle
+    from .results import note_product
 
-    export_orthogonalized(bundle, basis, out_dir)
-    write_model_card(out_dir, {
+    card = {
         "title": f"{cfg['model']['name']} with a rank-{basis.shape[1]} refusal ablation baked into its weights",
         "base_model": cfg["model"].get("hub_id") or cfg["model"]["name"],
         "summary": "Notebook 02's K=1 attack: the refusal direction of notebook 01 projected out of every matrix that "
@@ -354,7 +359,12 @@ def export_check(cfg, bundle, basis: torch.Tensor, prompts: Sequence[D.Prompt], 
                      "position (results/<profile>/direction.safetensors)",
         "profile": cfg["profile"], "dtype": str(bundle.dtype).removeprefix("torch."),
         "checked": "reloaded with from_pretrained and compared with run-time ablation (summary: attack_k1.export_check)",
-    })
+    }
+    key = {"model": model_tag(cfg, bundle), "basis": tensor_tag(basis), "shape": list(basis.shape), "card": card}
+    if reusable_export(out_dir, key, log):
+        note_product(out_dir)  # still the notebook's product: a selective --fresh empties it
+    else:
+        export_orthogonalized(bundle, basis, out_dir, card=card, key=key)
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=bundle.dtype).to(bundle.device).eval()
     rb = ModelBundle(reloaded, bundle.tokenizer, bundle.name + "-export", bundle.n_layers, bundle.d_model,
                      bundle.n_post, bundle.refusal_token_ids, bundle.post_tokens)
