@@ -89,15 +89,7 @@ def test_reading_does_not_claim_the_target_beyond_the_k_reached():
 
 # ---- 3. run_all.sh: safe flags, a selective --fresh, resume that checks outputs -------------------------
 
-def _nb(path: Path, *cells: str) -> None:
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("profile = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+from test_run_all import _nb  # noqa: E402  (the fake notebooks run_all.sh's own tests write)
 
 
 def _run_all(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
