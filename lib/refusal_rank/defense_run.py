@@ -49,7 +49,10 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     dc = cfg["defense"]
     # what determines the trained weights (not the variants' siblings, not the targets they are judged by,
     # not which of them notebook 03 runs by default)
-    key = cache_key(cfg["model"], {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")},
+    # share_prefix only changes how the same losses are computed (tested equal), so it is left out too
+    shared = {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")}
+    shared["train"] = {k: v for k, v in shared["train"].items() if k != "share_prefix"}
+    key = cache_key(cfg["model"], shared,
                     dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")

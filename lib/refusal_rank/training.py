@@ -15,6 +15,8 @@ Design:
   same terms on two halves of the harmless class (``*_null``): the term's noise floor, beside its value.
 * The batch is split into ``micro_batches`` class-balanced micro-batches of similar length (gradients
   accumulate): the same prompts and the same update, with less padding computed.
+* With ``share_prefix`` the template tokens every prompt of a micro-batch starts with are computed once
+  (``prefix_share``): the same losses and gradients (tested), about half the positions on the cpu profile.
 * The learning rate warms up linearly for ``warmup_steps`` and then stays constant, so that the snapshots
   kept at ``milestones`` (1x, 2x, 4x, 8x of the base budget) are each a model trained at the same rate for
   that many prompt passes, none favoured by a decay that ends on it.
@@ -35,9 +37,11 @@ from typing import Any, Callable, Sequence
 import torch
 from .progress import tqdm
 
-from .activations import Ablation, encode, run_interventions
+from .activations import Ablation, chat_texts, encode, run_interventions
 from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, prompt_lm_loss
 from .models import ModelBundle
+from .prefix_share import (SharedPass, common_prefix_len, last_logits, prompt_mean_hidden, shared_lm_loss,
+                           shared_prefix_forward, tail_hidden)
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,8 +163,9 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    tokens: int = 0
-    padded_tokens: int = 0
+    tokens: int = 0          # prompt tokens trained on (every row's own, as if each were run alone)
+    padded_tokens: int = 0   # positions of the left-padded batches those rows make
+    computed_tokens: int = 0  # positions the forward passes computed (fewer with a shared prefix)
     moment_memory: dict[str, Any] | None = None
 
 
@@ -293,6 +298,14 @@ def milestone_steps(tcfg: dict[str, Any]) -> list[int]:
     return out
 
 
+def token_rows(bundle: ModelBundle, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt, unpadded: exactly the rows ``encode`` pads. (Their lengths
+    sort the micro-batches; ``apply_chat_template`` returns an encoding dict in transformers 5, whose
+    ``len`` is its number of keys, not of tokens.)"""
+    texts = chat_texts(bundle.tokenizer, prompts, **bundle.template_kwargs)
+    return [list(r) for r in bundle.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def micro_batches(h_idx: Sequence[int], o_idx: Sequence[int], h_len: Sequence[int], o_len: Sequence[int],
                   n_micro: int) -> list[tuple[list[int], list[int]]]:
     """Split one class-balanced batch into ``n_micro`` class-balanced micro-batches of similar length:
@@ -344,6 +357,17 @@ def _site_vectors(saved: Sequence[torch.Tensor], mode: str, mask: torch.Tensor, 
         acts = torch.stack([h.mean(1) for h in saved], dim=1)
     else:  # positions: (B, L, P, d) -> (B, L * P, d)
         acts = torch.stack(list(saved), dim=1).flatten(1, 2)
+    return std(acts)
+
+
+def _shared_site_vectors(sp: SharedPass, mode: str, m_layers: Sequence[int], n_post: int, std: Standardizer) -> torch.Tensor:
+    """``_site_vectors`` from a prefix-shared pass: the same (B, S, d) standardised site vectors."""
+    if mode == "prompt":
+        acts = torch.stack([prompt_mean_hidden(sp, l) for l in m_layers], dim=1)
+    elif mode == "pooled":
+        acts = torch.stack([tail_hidden(sp, l, n_post).mean(1) for l in m_layers], dim=1)
+    else:
+        acts = torch.stack([tail_hidden(sp, l, n_post) for l in m_layers], dim=1).flatten(1, 2)
     return std(acts)
 
 
@@ -422,8 +446,10 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     if state.moment_memory is not None:
         memory.load_state_dict(state.moment_memory)
     tok = bundle.tokenizer
-    lengths = [len(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           **bundle.template_kwargs)) for t in list(harmful) + list(harmless)]
+    # token ids exactly as ``encode`` makes them, unpadded: lengths for the micro-batches, rows for prefix sharing
+    all_rows = token_rows(bundle, list(harmful) + list(harmless))
+    lengths = [len(r) for r in all_rows]
+    share = bool(tcfg.get("share_prefix", False))
     h_len, o_len = lengths[:n_h], lengths[n_h:]
     diag_n = int(tcfg.get("diag_prompts", 0))
     diag = (lambda: moment_diagnostics(bundle, variant, teacher, layers, harmful[:diag_n], harmless[:diag_n],
@@ -447,25 +473,35 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 basis = attack_subspace(bundle, sub_h, sub_o, variant.k_max, abl_layers, tcfg["batch_per_class"] * 2)
             k_abl = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
         mbs = micro_batches(hi, oi, h_len, o_len, n_micro)
-        encs = [encode(bundle, [harmful[i] for i in mh] + [harmless[i] for i in mo]) for mh, mo in mbs]
-        n_targets = [int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in encs]
-        for (mh, mo), enc, n_t in zip(mbs, encs, n_targets):
+        mb_rows = [[all_rows[i] for i in mh] + [all_rows[n_h + i] for i in mo] for mh, mo in mbs]
+        n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
+        for (mh, mo), rows, n_t in zip(mbs, mb_rows, n_targets):
             c = len(mh)
             w = c / per_class  # this micro-batch's share of the batch's rows (KD, moment terms)
             w_lm = n_t / sum(n_targets)  # and of its LM targets: the accumulated LM loss is the whole batch's mean
             texts = [harmful[i] for i in mh] + [harmless[i] for i in mo]
             t_logits = torch.cat([teacher.logits[mh], teacher.logits[[n_h + i for i in mo]]]).float().to(bundle.device)
-            saved: list[Any] = []
-            with lm.trace(enc):
-                if moments:
-                    _save_sites(lm, mode, m_layers, n_post, saved)
-                saved.append(lm.lm_head.output.save())
-            logits = saved[-1]
+            n_pre = common_prefix_len(rows, keep=n_post + 1) if share else 0
+            enc = None if n_pre else encode(bundle, texts)
             terms: dict[str, torch.Tensor] = {}
-            terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
-            terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
+            if n_pre:
+                sp = shared_prefix_forward(model, rows, m_layers if moments else [], n_pre, tok.pad_token_id)
+                terms["lm"] = shared_lm_loss(sp)
+                terms["kd"] = kd_loss(last_logits(sp), t_logits, variant.temperature)
+                z = _shared_site_vectors(sp, mode, m_layers, n_post, z_std) if moments else None
+                state.computed_tokens += n_pre + int(sp.ids.numel())
+            else:
+                saved: list[Any] = []
+                with lm.trace(enc):
+                    if moments:
+                        _save_sites(lm, mode, m_layers, n_post, saved)
+                    saved.append(lm.lm_head.output.save())
+                logits = saved[-1]
+                terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
+                terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
+                z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std) if moments else None
+                state.computed_tokens += int(enc["attention_mask"].numel())
             if moments:
-                z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std)
                 zh, zo = memory.with_batch("harmful", z[:c]), memory.with_batch("harmless", z[c:])
                 if variant.lambda_cov:
                     terms["cov"] = cov_matching_loss(zh, zo)
@@ -487,19 +523,19 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             value += float(loss.detach())
             if variant.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
                 a = max(1, min(c, (variant.abl_per_class or per_class) // n_micro))
-                rows = list(range(a)) + list(range(c, c + a))
-                enc2 = enc if a == c else encode(bundle, [texts[i] for i in rows])
+                keep = list(range(a)) + list(range(c, c + a))
+                enc2 = enc if (a == c and enc is not None) else encode(bundle, [texts[i] for i in keep])
                 saved2: list[Any] = []
                 with lm.trace(enc2, logits_to_keep=1):
                     run_interventions(lm, Ablation(basis[:, :k_abl]), bundle.n_layers)
                     saved2.append(lm.lm_head.output[:, -1, :].save())
-                terms["abl"] = kd_loss(saved2[0], t_logits[rows], variant.temperature)
+                terms["abl"] = kd_loss(saved2[0], t_logits[keep], variant.temperature)
                 (w * variant.lambda_abl * terms["abl"]).backward()
                 value += w * variant.lambda_abl * float(terms["abl"].detach())
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + (w_lm if k == "lm" else w) * float(v.detach())
-            state.tokens += int(enc["attention_mask"].sum())
-            state.padded_tokens += int(enc["attention_mask"].numel())
+            state.tokens += sum(len(r) for r in rows)
+            state.padded_tokens += len(rows) * max(len(r) for r in rows)
         # explosion is judged on the non-negative terms (LM, KD, ablation-aware KD): the unbiased moment terms
         # are bounded ratios that may be negative on a draw, so the total loss is no yardstick
         positive = sum(v for k, v in sums.items() if k in ("lm", "kd", "abl"))
