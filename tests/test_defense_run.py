@@ -35,3 +35,19 @@ def test_train_to_a_milestone_then_on_and_load_each(cfg):
         R.load_variant(cfg, "defended", 1)
     with pytest.raises(ValueError, match="not a milestone"):
         R.train_variant(cfg, "kl_only", until=3, log=lambda *_: None)
+
+
+def test_training_entry_counts_computed_and_trained_tokens_apart():
+    """A shared prefix computes fewer positions than the rows hold: the hardware's share of the peak counts
+    what was computed, the effective share the rows' own tokens (the unit of the budgets)."""
+    rec = {"steps": 2, "seconds": 10.0, "tokens": 1000, "padded_tokens": 1200, "computed_tokens": 600,
+           "tokens_per_s": 100.0}
+    e = R.training_entry(rec, peak_gflops=100.0, flops_per_token=4e8)
+    assert e["padding_share"] == pytest.approx(1 - 1000 / 1200)
+    assert e["computed_per_token"] == pytest.approx(0.6)
+    assert e["effective_fraction_of_peak"] == pytest.approx(100 * 4e8 / 1e9 / 100)
+    assert e["fraction_of_peak"] == pytest.approx(0.6 * e["effective_fraction_of_peak"])
+    old = dict(rec)
+    del old["computed_tokens"]  # records from before computed_tokens: every padded position was computed
+    assert R.training_entry(old, 100.0, 4e8)["computed_per_token"] == pytest.approx(1.2)
+    assert "fraction_of_peak" not in R.training_entry(rec, None, None)

@@ -4,9 +4,10 @@ A trained variant is identified by the profile's model, the defense config (shar
 the variant's own weights) and the training prompts; its rolling checkpoint and the snapshots of its
 trainable weights at every milestone (1x, 2x, 4x, 8x of the base budget) live under
 ``cache/<profile>/defense/<variant>-<key>/``. A model at a milestone is the original plus that snapshot,
-merged in memory when it is loaded (no multi-GB export per milestone). Every variant in ``[defense] run``
-trains to the first milestone; those in ``[defense] budget_curve`` to the last. An interrupted run resumes
-from its last checkpoint.
+merged in memory when it is loaded (no multi-GB export per milestone); beside each LoRA snapshot, a standard
+peft adapter folder (``adapter-NNNNN/``, with a model card) lets others load it without this code. Every
+variant in ``[defense] run`` trains to the first milestone; those in ``[defense] budget_curve`` to the last.
+An interrupted run resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .training import (TeacherCache, TrainState, Variant, attach_lora, load_snap
 
 def defense_prompts(cfg: dict[str, Any]) -> tuple[list[D.Prompt], list[D.Prompt]]:
     n = cfg["defense"]["n_train_per_class"]
-    return (D.split_prompts("harmful_defense", n, cfg["seed"]), D.split_prompts("harmless_defense", n, cfg["seed"]))
+    return (D.split_prompts("harmful_defense", n, cfg["seed"]), D.profile_split(cfg, "harmless_defense", n))
 
 
 def defense_layers(cfg: dict[str, Any], n_layers: int) -> list[int]:
@@ -153,16 +154,58 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
     state: TrainState = train(bundle, variant, dc["train"], [p.text for p in harm], [p.text for p in ok], teacher,
                               layers, out / "ckpt.pt", evaluate=evaluate, stop_at=until, log=log)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
-              "padded_tokens": state.padded_tokens,
+              "padded_tokens": state.padded_tokens, "computed_tokens": state.computed_tokens,
               "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals,
               "milestones": {budget_label(cfg, m): m for m in milestone_steps(dc["train"]) if m <= state.step},
               # a LoRA step costs ~4 x parameters a token (forward, backward into the activations); full: ~6 x
               "peak_gflops": round(peak, 2), "flops_per_token": (2 if peft_model is not None else 3) * forward_flops_per_token(bundle.model)}
+    if peft_model is not None:  # full fine-tuning has no adapter: its snapshot is every trained weight
+        write_adapters(cfg, name, peft_model, out, state.step, log=log)  # before the record, which marks it done
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(record_path)
     del peft_model
     return record
+
+
+def adapter_card(cfg: dict[str, Any], name: str, step: int) -> dict[str, Any]:
+    """The model card's facts for a variant's peft adapter folder at milestone ``step``: what was trained
+    (the variant, its objective weights with the defaults filled in, the LoRA shape), for how long (steps
+    and prompt passes) and on which prompts."""
+    dc = cfg["defense"]
+    variant = Variant.from_cfg(name, dc["variants"][name])
+    lora = dc["lora"]
+    return {
+        "title": f"LoRA adapter: {cfg['model']['name']}, notebook 03's {name} variant at step {step} "
+                 f"({budget_label(cfg, step)})",
+        "base_model": cfg["model"].get("hub_id") or cfg["model"]["name"],
+        "library_name": "peft",
+        "summary": "Defensive post-training of the refusal-rank artifact (docs/method.md): the original model trained so "
+                   "that its refusal is harder to remove by ablating a few directions of the residual stream. This "
+                   "folder holds only the LoRA adapter; load it onto the base model with "
+                   "`PeftModel.from_pretrained(base, folder)` (merge it with `merge_and_unload()` for a plain model).",
+        "variant": name,
+        "lambdas": {k: v for k, v in variant.__dict__.items() if k.startswith("lambda_")},
+        "objective weights": dc["variants"][name],
+        "training": f"LoRA (peft, r={lora['r']}, alpha={lora['alpha']}, on {', '.join(lora['targets'])})",
+        "steps": step, "prompt passes": prompt_passes(cfg, step),
+        "training prompts": f"{dc['n_train_per_class']} a class: data/splits.json's harmful_defense, and harmless_defense "
+                            f"of {cfg['data'].get('harmless_hub') or 'data/harmless.jsonl'}",
+        "profile": cfg["profile"], "dtype": cfg["model"].get("dtype"),
+    }
+
+
+def write_adapters(cfg: dict[str, Any], name: str, peft_model, out: Path, last_step: int, log=print) -> list[Path]:
+    """After training, a peft adapter folder (with its model card) for every milestone snapshot up to
+    ``last_step`` that lacks a current one (:mod:`refusal_rank.adapters`). Written here, once train() has
+    returned, rather than by a callback at each milestone: train() stays unaware of peft, and snapshots
+    an older run (or an interrupted one) left without a folder get theirs at the next training call. The
+    snapshot stays what the project loads; ``peft_model`` ends holding the last folder's weights."""
+    from .adapters import export_adapters
+
+    step_of = {snapshot_path(out / "ckpt.pt", m): m for m in milestone_steps(cfg["defense"]["train"]) if m <= last_step}
+    return export_adapters(peft_model, list(step_of), lambda p: adapter_card(cfg, name, step_of[p]),
+                           cfg["model"].get("hub_id") or cfg["model"]["name"], log=log)
 
 
 def _trainable(cfg: dict[str, Any], bundle: ModelBundle):
@@ -351,11 +394,17 @@ def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def training_entry(record: dict[str, Any], peak_gflops: float | None, flops_per_token: float | None) -> dict[str, Any]:
-    """summary.json's ``training.<variant>``: step time, non-padding tokens/s and their share of the peak."""
+    """summary.json's ``training.<variant>``: step time, the rows' own tokens a second (each prompt counted
+    as if run alone: the unit of the budgets) and, as a share of the peak, the FLOPs of the positions
+    actually computed (``fraction_of_peak``: padding in, a shared prefix once) and of the rows' tokens
+    (``effective_fraction_of_peak``, above the other when a shared prefix saves work)."""
     tps = record["tokens_per_s"]
     out = {"steps": record["steps"], "seconds": record["seconds"], "tokens_per_s": tps,
            "padding_share": round(1 - record["tokens"] / max(record.get("padded_tokens") or record["tokens"], 1), 4)}
+    computed = record.get("computed_tokens") or record.get("padded_tokens") or record["tokens"]
+    out["computed_per_token"] = round(computed / max(record["tokens"], 1), 4)
     if peak_gflops and flops_per_token:
-        out["fraction_of_peak"] = round(tps * flops_per_token / 1e9 / peak_gflops, 4)
+        out["fraction_of_peak"] = round(tps * out["computed_per_token"] * flops_per_token / 1e9 / peak_gflops, 4)
+        out["effective_fraction_of_peak"] = round(tps * flops_per_token / 1e9 / peak_gflops, 4)
         out["peak_gflops"] = round(peak_gflops, 2)
     return out

@@ -199,6 +199,16 @@ for name in results:
 # say whether matching the classes *for real* (terms at their floor, top eigenvalue falling at a steady
 # total variance), pooling as the paper does, or more budget changes that; notebook 04 attacks the final
 # checkpoints with every estimator.
+#
+# **Speed.** A step is the unit of every budget, so its cost decides how far the curve reaches. On a CPU
+# without native bf16 the step is float32 and compute-bound (about half the matmul peak), so only less work
+# makes it faster. Every chat-formatted prompt starts with the same template tokens (on `cpu` 24 of ~42),
+# and a causal model computes the same numbers for the same prefix: `share_prefix` runs it once a
+# micro-batch and lets each row compute only its own tokens, with the same losses and gradients (tested
+# against the full batch). `benchmarks/bench_training.py` times the earlier setup, the unshared one and the
+# shared one side by side (results/<profile>/bench.json). While building it we found that the micro-batches
+# had never been sorted by length (the length read from the chat template was the size of an encoding
+# dict, 2 for every prompt); the variants here were all trained after that fix.
 
 # %% [markdown]
 # ## 3 · The marker judge against hand labels
