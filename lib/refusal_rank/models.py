@@ -200,15 +200,16 @@ def build_from_pypi_gguf(mcfg: dict[str, Any], log=print) -> Path:
 # hub
 
 
-def hub_reachable(repo: str, timeout: float = 5.0) -> bool:
-    """Whether the hub answers a metadata request for ``repo`` within ``timeout`` seconds. Asked through
-    huggingface_hub itself, so that ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the environment's proxy
-    settings apply as they will for the download. Any HTTP answer (even 401/404) means reachable."""
+def hub_reachable(repo: str, timeout: float = 5.0, repo_type: str = "model") -> bool:
+    """Whether the hub answers a metadata request for ``repo`` (a ``repo_type`` repository: model or
+    dataset) within ``timeout`` seconds. Asked through huggingface_hub itself, so that ``HF_ENDPOINT``,
+    ``HF_HUB_OFFLINE`` and the environment's proxy settings apply as they will for the download. Any HTTP
+    answer (even 401/404) means reachable."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        HfApi().model_info(repo, timeout=timeout)
+        HfApi().repo_info(repo, repo_type=repo_type, timeout=timeout)
         return True
     except HfHubHTTPError:
         return True
@@ -396,7 +397,10 @@ def bundle_from_pretrained(path: str, cfg: dict[str, Any], name: str | None = No
 
 def load_model(cfg: dict[str, Any], log=print) -> ModelBundle:
     """The profile's original model, from whichever source the profile names (see module docstring)."""
+    from .data import check_data_sources
+
     if cfg["model"].get("device", "cpu").startswith("cuda"):
         resolve_device(cfg["model"]["device"])  # fail before any download
+    check_data_sources(cfg)  # a prompt source the profile reads from the hub fails here, before any model loads
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     return bundle_from_pretrained(checkpoint_dir(cfg, log=log), cfg)

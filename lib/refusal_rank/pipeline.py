@@ -155,9 +155,9 @@ def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle) -> TrainVal:
     d, seed = cfg["data"], cfg["seed"]
     pools = {
         "harmful_train": D.split_prompts("harmful_train", d["train_pool"], seed),
-        "harmless_train": D.split_prompts("harmless_train", d["train_pool"], seed),
+        "harmless_train": D.profile_split(cfg, "harmless_train", d["train_pool"]),  # local file or hub
         "harmful_val": D.split_prompts("harmful_val", d["val_pool"], seed),
-        "harmless_val": D.split_prompts("harmless_val", d["val_pool"], seed),
+        "harmless_val": D.profile_split(cfg, "harmless_val", d["val_pool"]),
     }
     want = {"harmful_train": d["n_train"], "harmless_train": d["n_train"], "harmful_val": d["n_val"], "harmless_val": d["n_val"]}
     out, report = {}, {}
@@ -264,7 +264,7 @@ def test_sets(cfg: dict[str, Any]) -> TestSets:
     d, seed = cfg["data"], cfg["seed"]
     return TestSets(
         harmful=D.split_prompts("harmful_test", d["n_test_harmful_per_source"], seed, per_source=True),
-        harmless=D.split_prompts("harmless_test", d["n_test_harmless"], seed),
+        harmless=D.profile_split(cfg, "harmless_test", d["n_test_harmless"]),  # local file or hub
         overrefusal=D.split_prompts("overrefusal_test", d["n_test_overrefusal"], seed),
     )
 
