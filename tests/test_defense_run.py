@@ -43,7 +43,7 @@ def test_training_entry_counts_computed_and_trained_tokens_apart():
     rec = {"steps": 2, "seconds": 10.0, "tokens": 1000, "padded_tokens": 1200, "computed_tokens": 600,
            "tokens_per_s": 100.0}
     e = R.training_entry(rec, peak_gflops=100.0, flops_per_token=4e8)
-    assert e["padding_share"] == pytest.approx(1 - 1000 / 1200)
+    assert e["padding_share"] == pytest.approx(1 - 1000 / 1200, abs=1e-4)
     assert e["computed_per_token"] == pytest.approx(0.6)
     assert e["effective_fraction_of_peak"] == pytest.approx(100 * 4e8 / 1e9 / 100)
     assert e["fraction_of_peak"] == pytest.approx(0.6 * e["effective_fraction_of_peak"])
@@ -51,3 +51,32 @@ def test_training_entry_counts_computed_and_trained_tokens_apart():
     del old["computed_tokens"]  # records from before computed_tokens: every padded position was computed
     assert R.training_entry(old, 100.0, 4e8)["computed_per_token"] == pytest.approx(1.2)
     assert "fraction_of_peak" not in R.training_entry(rec, None, None)
+
+
+def test_checkpoint_eval_is_cached_by_snapshot_and_config(cfg, monkeypatch):
+    """The background queue and notebook 03 share one measurement per checkpoint: computed once, reused,
+    and computed again when the snapshot or a knob it reads changes."""
+    import copy
+
+    from refusal_rank import pipeline as P
+
+    R.train_variant(cfg, "kl_only", until=1, log=lambda *_: None)
+    calls = []
+    monkeypatch.setattr(R, "load_variant", lambda c, n, s: calls.append((n, s)) or object())
+    monkeypatch.setattr(P, "evaluate_model", lambda *a, **k: {"refusal_rate_harmful": {"rate": 0.5}, "completions": {}})
+    monkeypatch.setattr(R, "attack_screen", lambda *a, **k: {"k1_reselected": {"x": 1}, "k_break": None})
+    sets = P.test_sets(cfg)
+    quiet = lambda *_: None
+    ev = R.checkpoint_eval(cfg, "kl_only", 1, sets, [], torch.zeros(1), log=quiet)
+    assert ev["res"]["attack_k1"] == {"x": 1} and ev["screen"]["k_break"] is None and len(calls) == 1
+    assert R.checkpoint_eval(cfg, "kl_only", 1, sets, [], torch.zeros(1), log=quiet) == ev and len(calls) == 1
+    other = copy.deepcopy(cfg)
+    other["defense"]["screen"]["dim_svd_ks"] = [1]
+    R.checkpoint_eval(other, "kl_only", 1, sets, [], torch.zeros(1), log=quiet)
+    assert len(calls) == 2  # another screen: measured again
+    snap = R.snapshot_path(R.variant_dir(cfg, "kl_only") / "ckpt.pt", 1)
+    snap.with_suffix(".sha256").write_text("0" * 64 + "\n")  # another snapshot under the same name
+    R.checkpoint_eval(cfg, "kl_only", 1, sets, [], torch.zeros(1), log=quiet)
+    assert len(calls) == 3
+    with pytest.raises(FileNotFoundError, match="no verified snapshot"):
+        R.checkpoint_eval(cfg, "defended", 1, sets, [], torch.zeros(1), log=quiet)

@@ -129,11 +129,42 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
     base_lp_val = P.logprobs_cached(cfg, base, tv.harmless_val, desc="base harmless val")
     del base
     factory = R.periodic_eval(cfg, tv, base_lp_val)
+    measure = _checkpoint_measurer(cfg) if a.evaluate else None
     for name, step in plan:
         print(f"== {name} until step {step} ({R.budget_label(cfg, step)})", flush=True)
         record = R.train_variant(cfg, name, evaluate_factory=factory, until=step)
         print({k: record[k] for k in ("steps", "seconds", "tokens", "tokens_per_s")}, record["evals"][-1:], flush=True)
+        if measure is not None:
+            measure(name, step)
     return 0
+
+
+def _checkpoint_measurer(cfg):
+    """``measure(name, step)``: notebook 03's per-checkpoint measurements (utility and attack screen) into
+    their cache, printing the headline numbers. The original's test-set completions and harmless log-probs
+    are computed (or read from the cache) once, on the first call."""
+    from . import defense_run as R
+    from . import pipeline as P
+    from .models import load_model
+
+    sets = P.test_sets(cfg)
+    base: dict[str, Any] = {}
+
+    def measure(name: str, step: int) -> None:
+        if not base:
+            model = load_model(cfg)
+            base["lp"] = P.logprobs_cached(cfg, model, sets.harmless, desc="base harmless")
+            base["harmless"] = P.evaluate_model(cfg, model, sets, None, None, "original")["completions"]["harmless"]
+            del model
+        print(f"== measure {name} at step {step} ({R.budget_label(cfg, step)})", flush=True)
+        ev = R.checkpoint_eval(cfg, name, step, sets, base["harmless"], base["lp"])
+        e = R.budget_entry(cfg, step, dict(ev["res"]), ev["screen"])
+        rate = lambda k: (e.get(k) or {}).get("rate")
+        print({"harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
+               "overrefusal": rate("overrefusal_rate"), "kl": (e.get("kl_harmless") or {}).get("mean"),
+               "ce": e.get("ce_harmless"), "screen_k_break": ev["screen"]["k_break"]}, flush=True)
+
+    return measure
 
 
 def cmd_audit(argv: Sequence[str]) -> int:
@@ -177,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", help="a variant of [defense.variants] (repeatable)")
     p.add_argument("--until", default=None, help="a milestone: '1x', '2x', ... or its step")
     p.add_argument("--plan", action="store_true", help="every variant of [defense] run to 1x, then the budget curve")
+    p.add_argument("--evaluate", action="store_true",
+                   help="after each milestone, notebook 03's utility and attack screen of that checkpoint (cached)")
     p.set_defaults(fn=cmd_train_variant)
 
     sub.add_parser("audit", help="the audit; its own options follow (refusal-rank audit --help)", add_help=False)

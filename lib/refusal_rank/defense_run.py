@@ -355,6 +355,37 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     return out
 
 
+def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmless: list[dict[str, Any]],
+                    base_lp: torch.Tensor, log=print) -> dict[str, Any]:
+    """Notebook 03's measurements of one variant at one milestone: ``{"res": ..., "screen": ...}``, the
+    utility (``pipeline.evaluate_model`` against the original, completions included) and the attack screen,
+    with ``res["attack_k1"]`` the screen's re-selected K=1 attack.
+
+    Cached beside the variant's weights, keyed by the snapshot's sha256 and every config section the two
+    read, so the background queue (``train-variant --plan --evaluate``) can measure each checkpoint as soon
+    as it is trained, one model job at a time, and the notebook reuses the result instead of recomputing it
+    (about half an hour a checkpoint on 2 CPU cores)."""
+    from .pipeline import CACHE_VERSION, cached_value, evaluate_model, prompt_key
+
+    vdir = variant_dir(cfg, name)
+    snap = snapshot_path(vdir / "ckpt.pt", step)
+    side = snap.with_suffix(".sha256")
+    if not side.is_file():
+        raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in {vdir}: train it first.")
+    key = cache_key(f"v{CACHE_VERSION}", side.read_text().strip(),
+                    config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
+                    {k: prompt_key(v) for k, v in sets.items()})
+
+    def compute() -> dict[str, Any]:
+        model = load_variant(cfg, name, step)
+        res = evaluate_model(cfg, model, sets, base_harmless, base_lp, f"{name}@{step}")
+        screen = attack_screen(cfg, model, sets)
+        res["attack_k1"] = screen["k1_reselected"]
+        return {"res": res, "screen": screen}
+
+    return cached_value(vdir / f"eval-{step:05d}-{key}.pt", compute, log)
+
+
 def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: dict[str, Any] | None) -> dict[str, Any]:
     """summary.json's ``budget.<variant>.<Nx>``: prompt passes, the utility rates and the screen."""
     keep = ("refusal_rate_harmful", "refusal_rate_harmless", "overrefusal_rate", "kl_harmless", "ce_harmless")

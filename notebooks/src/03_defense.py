@@ -133,16 +133,13 @@ del base
 budget, results, completions = {}, {}, {}
 for name in variants:
     budget[name] = {}
-    for step in R.reached_milestones(cfg, name):
-        model = R.load_variant(cfg, name, step)
-        res = P.evaluate_model(cfg, model, sets, base_eval["completions"]["harmless"], base_lp, f"{name}@{step}")
-        screen = R.attack_screen(cfg, model, sets)
-        res["attack_k1"] = screen["k1_reselected"]
+    for step in R.reached_milestones(cfg, name):  # cached: the background queue may have measured it already
+        ev = R.checkpoint_eval(cfg, name, step, sets, base_eval["completions"]["harmless"], base_lp)
+        res, screen = dict(ev["res"]), ev["screen"]
         budget[name][R.budget_label(cfg, step)] = R.budget_entry(cfg, step, res, screen)
         if step == R.target_step(cfg, name):
             completions[name] = res.pop("completions")
             results[name] = res
-        del model
 rows = []
 for name, per in budget.items():
     for label, e in per.items():
