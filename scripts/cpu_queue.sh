@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole cpu profile's compute, as one resumable background queue (one model job at a time: the machine
+# has 2 cores and a training step needs ~12-19 GB). Every stage resumes from its caches and checkpoints, so
+# after an interruption the same command picks up where it stopped; a finished stage is skipped in seconds.
+#
+#   1. every variant of [defense] run to 1x, each checkpoint measured (utility + attack screen) as it lands
+#   2. notebooks 01 and 02 (directions, the K=1 attack and its export)
+#   3. the audit reports (results/<profile>/audit/): the original, the K=1 export, the variants whose final
+#      checkpoint exists (those outside the budget curve)
+#   4. the budget curve: the budget_curve variants milestone by milestone to 8x, each measured
+#   5. notebooks 03, 04 and 05 (they reuse every trained and measured checkpoint)
+#   6. the audit reports again, now with the budget-curve variants at 8x
+#
+# Usage: nohup scripts/cpu_queue.sh [--profile NAME] [--from N] > logs/queue.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=cpu
+FROM=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) [ $# -ge 2 ] || { echo "cpu_queue.sh: --profile needs a value" >&2; exit 2; }; PROFILE="$2"; shift ;;
+    --from) [ $# -ge 2 ] &&  [[ "$2" =~ ^[1-6]$ ]] || { echo "cpu_queue.sh: --from needs a stage 1-6" >&2; exit 2; }; FROM="$2"; shift ;;
+    *) echo "cpu_queue.sh: unknown argument $1 (use --profile NAME, --from N)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PYTHON:-.venv/bin/python}
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
+stage() { echo "== stage $1 ($(date -u +%H:%M)): $2"; }
+if [ "$FROM" -le 1 ]; then stage 1 "every variant to 1x, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --until 1x --evaluate; fi
+if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02; fi
+if [ "$FROM" -le 3 ]; then stage 3 "audit reports"; scripts/audit_cpu.sh --profile "$PROFILE"; fi
+if [ "$FROM" -le 4 ]; then stage 4 "the budget curve, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --evaluate; fi
+if [ "$FROM" -le 5 ]; then stage 5 "notebooks 03-05"; ./run_all.sh --profile "$PROFILE" --from 03 --to 05; fi
+if [ "$FROM" -le 6 ]; then stage 6 "audit reports with every variant"; scripts/audit_cpu.sh --profile "$PROFILE"; fi
+stage done "the queue is finished"
