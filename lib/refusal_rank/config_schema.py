@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 ESTIMATORS = ("iterated", "dim-svd", "pca-centered", "cov-diff", "inlp", "optimized")
 MODEL_SOURCES = ("tiny", "pypi_gguf", "hub")
@@ -47,51 +47,51 @@ class Spec:
 
 
 @dataclass
-class Int(Spec):
-    lo: int | None = None
-    hi: int | None = None
-
-    def allowed(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return f"an integer in [{self.lo}, {self.hi}]"
-        if self.lo is not None:
-            return f"an integer >= {self.lo}"
-        if self.hi is not None:
-            return f"an integer <= {self.hi}"
-        return "an integer"
-
-    def check(self, value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return self.allowed()
-        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            return self.allowed()
-        return None
-
-
-@dataclass
 class Num(Spec):
+    """A number within optional bounds, each closed or open; ``allowed`` says the range in words."""
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    noun: ClassVar[str] = "a number"
+
+    def _fmt(self, x: float) -> str:
+        return f"{x:g}"
+
+    def _is_kind(self, value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value  # NaN is no number
 
     def allowed(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"a number {'>' if self.lo_open else '>='} {self.lo:g}"
-        if self.hi is not None:
-            return f"a number {'<' if self.hi_open else '<='} {self.hi:g}"
-        return "a number"
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            return (f"{self.noun} in {'(' if self.lo_open else '['}{self._fmt(lo)}, "
+                    f"{self._fmt(hi)}{')' if self.hi_open else ']'}")
+        if lo is not None:
+            return f"{self.noun} {'>' if self.lo_open else '>='} {self._fmt(lo)}"
+        if hi is not None:
+            return f"{self.noun} {'<' if self.hi_open else '<='} {self._fmt(hi)}"
+        return self.noun
 
     def check(self, value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if not self._is_kind(value):
             return self.allowed()
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return self.allowed()
         if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
             return self.allowed()
         return None
+
+
+@dataclass
+class Int(Num):
+    """An integer within optional bounds (the range logic of ``Num``; a float or a bool is refused)."""
+    noun: ClassVar[str] = "an integer"
+
+    def _fmt(self, x: float) -> str:
+        return str(x)
+
+    def _is_kind(self, value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int)
 
 
 @dataclass
