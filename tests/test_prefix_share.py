@@ -112,3 +112,28 @@ def test_a_training_step_with_a_shared_prefix_equals_the_full_batch(tiny_cfg, tm
             if k in h1:
                 assert h2[k] == pytest.approx(h1[k], rel=1e-3, abs=1e-6)
     assert s1.tokens == s2.tokens and s2.computed_tokens < s1.computed_tokens
+
+
+def test_accumulated_gradient_of_shared_micro_batches_equals_the_whole_batch(tiny_cfg, tmp_path, monkeypatch):
+    """The gradient itself, before any optimiser step (Adam's first update is ~lr * sign(grad), blind to
+    scale): two prefix-shared micro-batches accumulate the gradient of the whole unshared batch (kl_only:
+    LM and KD, the terms without class statistics), so the LM weighting by targets is right too."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params])
+        return real_clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    tcfg = dict(tiny_cfg["defense"]["train"], steps=1, milestones=[1], warmup_steps=0, diag_prompts=0)
+    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
+    for share, micro in ((False, 1), (True, 2)):
+        b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+        train(b, v, dict(tcfg, share_prefix=share, micro_batches=micro), harm, ok, teacher, layers,
+              tmp_path / f"{share}.pt", log=lambda *_: None)
+    whole, shared = seen
+    assert len(whole) == len(shared) and any(float(g.abs().sum()) > 0 for g in whole)
+    for g1, g2 in zip(whole, shared):
+        assert torch.allclose(g1, g2, atol=1e-6, rtol=1e-3)

@@ -12,6 +12,7 @@ a failing cell), so the series has one implementation. Everything else runs in t
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
         print(f"== {name} until step {step} ({R.budget_label(cfg, step)})", flush=True)
         record = R.train_variant(cfg, name, evaluate_factory=factory, until=step)
         print({k: record[k] for k in ("steps", "seconds", "tokens", "tokens_per_s")}, record["evals"][-1:], flush=True)
+        gc.collect()  # the student, its optimiser and wrappers hold cycles: free them before the next model loads
         if measure is not None:
             measure(name, step)
     return 0
@@ -156,8 +158,10 @@ def _checkpoint_measurer(cfg):
             base["lp"] = P.logprobs_cached(cfg, model, sets.harmless, desc="base harmless")
             base["harmless"] = P.evaluate_model(cfg, model, sets, None, None, "original")["completions"]["harmless"]
             del model
+            gc.collect()
         print(f"== measure {name} at step {step} ({R.budget_label(cfg, step)})", flush=True)
         ev = R.checkpoint_eval(cfg, name, step, sets, base["harmless"], base["lp"])
+        gc.collect()
         e = R.budget_entry(cfg, step, dict(ev["res"]), ev["screen"])
         rate = lambda k: (e.get(k) or {}).get("rate")
         print({"harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),

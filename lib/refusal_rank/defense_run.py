@@ -45,6 +45,9 @@ def default_variants(cfg: dict[str, Any]) -> list[str]:
     return names
 
 
+TRAIN_CODE = "mb-sorted"
+
+
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     harm, ok = defense_prompts(cfg)
     dc = cfg["defense"]
@@ -53,7 +56,9 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     # share_prefix only changes how the same losses are computed (tested equal), so it is left out too
     shared = {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")}
     shared["train"] = {k: v for k, v in shared["train"].items() if k != "share_prefix"}
-    key = cache_key(cfg["model"], shared,
+    # TRAIN_CODE names changes of the training code that change the update for the same config (bump it then):
+    # "mb-sorted": micro-batches cut by real token counts (the moment terms are per micro-batch)
+    key = cache_key(cfg["model"], shared, TRAIN_CODE,
                     dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")
@@ -160,7 +165,11 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
               # a LoRA step costs ~4 x parameters a token (forward, backward into the activations); full: ~6 x
               "peak_gflops": round(peak, 2), "flops_per_token": (2 if peft_model is not None else 3) * forward_flops_per_token(bundle.model)}
     if peft_model is not None:  # full fine-tuning has no adapter: its snapshot is every trained weight
-        write_adapters(cfg, name, peft_model, out, state.step, log=log)  # before the record, which marks it done
+        try:  # a convenience copy for others: its failure must not stop a many-hour queue nor hide the record
+            write_adapters(cfg, name, peft_model, out, state.step, log=log)
+        except Exception as e:  # noqa: BLE001 - reported, and retried by write_adapters on the next call
+            log(f"{name}: the peft adapter folders were not written ({type(e).__name__}: {e}); the verified "
+                f"snapshots are intact, and defense_run.write_adapters can write them later")
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(record_path)
@@ -233,9 +242,12 @@ def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> Mod
         raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {vdir}: train it first "
                                 f"(notebook 03, or tools/train_variant.py --variant {name}).")
     check_prompt_texts(cfg, name, vdir)
-    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}")
+    # the snapshot's digest is part of the model's name, which keys every cache of what it computes: a variant
+    # retrained under the same folder is a new model, never one whose completions are reused
+    digest = snap.with_suffix(".sha256").read_text().strip() if snap.with_suffix(".sha256").is_file() else "unverified"
+    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}:{digest[:12]}")
     peft_model = _trainable(cfg, bundle)
-    load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them
+    load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them (checked against the digest)
     model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
     model.requires_grad_(False)
     model.eval()
@@ -372,7 +384,7 @@ def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmle
     side = snap.with_suffix(".sha256")
     if not side.is_file():
         raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in {vdir}: train it first.")
-    key = cache_key(f"v{CACHE_VERSION}", side.read_text().strip(),
+    key = cache_key(f"v{CACHE_VERSION}", side.read_text().strip(), cfg["seed"],
                     config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
                     {k: prompt_key(v) for k, v in sets.items()})
 

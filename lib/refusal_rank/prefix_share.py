@@ -126,7 +126,7 @@ def shared_lm_loss(sp: SharedPass) -> torch.Tensor:
     if sp.ids.shape[1] > 1:
         pred = sp.logits[:, :-1].float()
         nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), sp.ids[:, 1:].reshape(-1), reduction="none")
-        total = total + (nll * sp.mask[:, 1:].reshape(-1).to(nll.dtype)).sum()
+        total = total + nll[sp.mask[:, 1:].reshape(-1).bool()].sum()  # padded targets dropped, not multiplied by 0
     return total / (sp.lengths - 1).sum()
 
 
@@ -149,6 +149,6 @@ def prompt_mean_hidden(sp: SharedPass, layer: int) -> torch.Tensor:
     """(B, d) mean of ``layer``'s outputs over each row's every prompt token, prefix included (the full
     batch's ``defense.masked_mean``)."""
     prefix, suffix = sp.hidden[layer]
-    w = sp.mask.to(suffix.dtype).unsqueeze(-1)
-    total = prefix.sum(0)[None] + (suffix * w).sum(1)
+    keep = sp.mask.bool().unsqueeze(-1)
+    total = prefix.sum(0)[None] + torch.where(keep, suffix, torch.zeros((), dtype=suffix.dtype)).sum(1)
     return total / sp.lengths.to(suffix.dtype)[:, None]

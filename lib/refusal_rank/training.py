@@ -14,7 +14,8 @@ Design:
   plus a per-class memory of the last ``moment_memory`` pooled vectors (detached). Every step also logs the
   same terms on two halves of the harmless class (``*_null``): the term's noise floor, beside its value.
 * The batch is split into ``micro_batches`` class-balanced micro-batches of similar length (gradients
-  accumulate): the same prompts and the same update, with less padding computed.
+  accumulate): the same prompts and, for the LM and KD terms, the same update, with less padding computed.
+  The moment terms read each micro-batch with the memory, so how the batch is cut changes their update.
 * With ``share_prefix`` the template tokens every prompt of a micro-batch starts with are computed once
   (``prefix_share``): the same losses and gradients (tested), about half the positions on the cpu profile.
 * The learning rate warms up linearly for ``warmup_steps`` and then stays constant, so that the snapshots
