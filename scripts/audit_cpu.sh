@@ -20,6 +20,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 PY=${PYTHON:-.venv/bin/python}
+# this clone's library, configs and results, even with a .venv shared between clones (as run_all.sh does)
+export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 OUT=results/$PROFILE/audit
 audit() {  # label expected-exit args...: run one audit, stop the script if its exit status is not the expected one
   local label=$1 want=$2 rc=0

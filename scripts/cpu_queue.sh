@@ -12,6 +12,9 @@
 #   6. the audit reports again, now with the budget-curve variants at 8x
 #
 # Usage: nohup scripts/cpu_queue.sh [--profile NAME] [--from N] > logs/queue.log 2>&1 &
+# The body is one function, read whole before it runs: bash reads a plain script as it goes, so editing it
+# during a run of many hours would make the running queue execute shifted text.
+main() {
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=cpu
@@ -25,6 +28,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 PY=${PYTHON:-.venv/bin/python}
+# this clone's library, configs and results, even with a .venv shared between clones (as run_all.sh does)
+export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 stage() { echo "== stage $1 ($(date -u +%H:%M)): $2"; }
 if [ "$FROM" -le 1 ]; then stage 1 "every variant to 1x, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --until 1x --evaluate; fi
@@ -35,3 +40,6 @@ if [ "$FROM" -le 4 ]; then stage 4 "the budget curve, measured"; "$PY" tools/tra
 if [ "$FROM" -le 5 ]; then stage 5 "notebooks 03-05"; ./run_all.sh --profile "$PROFILE" --from 03 --to 05; fi
 if [ "$FROM" -le 6 ]; then stage 6 "audit reports with every variant"; scripts/audit_cpu.sh --profile "$PROFILE"; fi
 stage done "the queue is finished"
+}
+main "$@"
+exit
