@@ -4,12 +4,14 @@
 # after an interruption the same command picks up where it stopped; a finished stage is skipped in seconds.
 #
 #   1. every variant of [defense] run to 1x, each checkpoint measured (utility + attack screen) as it lands
-#   2. notebooks 01 and 02 (directions, the K=1 attack and its export)
+#   2. notebooks 01 and 02 (directions, the K=1 attack and its export), then the generation benchmark
+#      (benchmarks/bench_generation.py: it must run alone, and a queue stage is the one place it does)
 #   3. the audit reports (results/<profile>/audit/): the original, the K=1 export, the variants whose final
 #      checkpoint exists (those outside the budget curve)
 #   4. the budget curve: the budget_curve variants milestone by milestone to 8x, each measured
 #   5. notebooks 03, 04 and 05 (they reuse every trained and measured checkpoint)
-#   6. the audit reports again, now with the budget-curve variants at 8x
+#   6. the audit reports again, now with the budget-curve variants at 8x, and the cache's size measured
+#      (results/<profile>/cache_size.json)
 #
 # Usage: nohup scripts/cpu_queue.sh [--profile NAME] [--from N] > logs/queue.log 2>&1 &
 # The body is one function, read whole before it runs: bash reads a plain script as it goes, so editing it
@@ -33,12 +35,14 @@ export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 stage() { echo "== stage $1 ($(date -u +%H:%M)): $2"; }
 if [ "$FROM" -le 1 ]; then stage 1 "every variant to 1x, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --until 1x --evaluate; fi
-if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02; fi
+if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02, generation benchmark"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02
+  "$PY" benchmarks/bench_generation.py --profile "$PROFILE"; fi
 # an audit's verdict is a result, not a failure of the queue: an unexpected one is reported and the queue goes on
 if [ "$FROM" -le 3 ]; then stage 3 "audit reports"; scripts/audit_cpu.sh --profile "$PROFILE" || echo "cpu_queue.sh: the audit stage stopped (exit $?): see results/$PROFILE/audit/; the queue goes on"; fi
 if [ "$FROM" -le 4 ]; then stage 4 "the budget curve, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --evaluate; fi
 if [ "$FROM" -le 5 ]; then stage 5 "notebooks 03-05"; ./run_all.sh --profile "$PROFILE" --from 03 --to 05; fi
-if [ "$FROM" -le 6 ]; then stage 6 "audit reports with every variant"; scripts/audit_cpu.sh --profile "$PROFILE"; fi
+if [ "$FROM" -le 6 ]; then stage 6 "audit reports with every variant, cache size"; scripts/audit_cpu.sh --profile "$PROFILE"
+  "$PY" tools/cache_size.py --profile "$PROFILE"; fi
 stage done "the queue is finished"
 }
 main "$@"
