@@ -21,3 +21,23 @@ def test_bad_arguments_stop_with_one_sentence(args, says):
 def test_the_body_is_one_function_called_at_the_end():
     lines = [l for l in QUEUE.read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert lines[0] == "main() {" and lines[-3:] == ["}", 'main "$@"', "exit"]
+
+
+def test_cache_size_counts_every_file_once_by_kind(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cache_size", ROOT / "tools" / "cache_size.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path))
+    (tmp_path / "runs" / "tiny" / "gen" / "sub").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "gen" / "a.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "runs" / "tiny" / "gen" / "sub" / "b.pt").write_bytes(b"x" * 24)
+    (tmp_path / "runs" / "tiny" / "defense").mkdir()
+    (tmp_path / "runs" / "tiny" / "defense" / "link").symlink_to(tmp_path / "runs" / "tiny" / "gen" / "a.pt")
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "w").write_bytes(b"x" * 2**20)
+    assert cs.tree_bytes(tmp_path / "runs" / "tiny") == 1024  # the link is not counted twice
+    out = cs.measure("tiny")
+    assert out["runs_gib"]["gen"] == round(1024 / 2**30, 3) and out["runs_gib"]["defense"] == 0
+    assert out["models_gib"]["m"] == round(2**20 / 2**30, 3) and "runs" not in out["other_gib"]
