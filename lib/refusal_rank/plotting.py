@@ -75,8 +75,9 @@ MODEL_LOOK = {
     "kl_only": Look(ORANGE, "^"),
     "ablation_aware": Look(GREEN, "D"),
     "mean_matched": Look(PURPLE, "v"),
+    "paper_mean": Look(SKY, "h"),
     "K=1 ablated": Look(VERMILLION, "X"),
-    "act. addition (+r)": Look(SKY, "P"),
+    "act. addition (+r)": Look(YELLOW, "P"),  # only notebook 02 draws it (bars, dark edges)
     "act. subtraction (-r)": Look(GREY, "*"),
 }
 MODEL_ALIASES = {"original": "base"}
