@@ -21,14 +21,26 @@ def test_filtered_attacker_prompts_are_disjoint_from_defense_training(tiny_cfg, 
 
 
 @pytest.mark.parametrize("profile", available_profiles())
-def test_every_profile_pool_is_disjoint_from_its_defense_prompts(profile):
-    """The pools the refusal filter draws from (so any filtered subset), at each profile's sizes."""
+def test_every_profile_pool_is_disjoint_from_its_defense_prompts(profile, monkeypatch):
+    """The pools the refusal filter draws from (so any filtered subset), at each profile's sizes, from the
+    profile's own sources. A profile whose harmless prompts come from the hub (paper: Alpaca) is checked
+    offline on Alpaca-layout rows standing in for the dataset: the split is the same function of the rows."""
+    from refusal_rank import models as Mo
+
     cfg = load_config(profile)
-    d, seed = cfg["data"], cfg["seed"]
-    pools = [D.split_prompts(s, d["train_pool"], seed) for s in ("harmful_train", "harmless_train")]
-    pools += [D.split_prompts(s, d["val_pool"], seed) for s in ("harmful_val", "harmless_val")]
-    pool = {p.id for ps in pools for p in ps}
-    assert not pool & _defense_ids(cfg)
+    if cfg["data"].get("harmless_hub"):
+        rows = [{"instruction": f"Stand-in instruction number {i}.", "input": "", "output": "x"} for i in range(3000)]
+        monkeypatch.setattr(Mo, "hub_reachable", lambda *a, **k: True)
+        monkeypatch.setattr(D, "_hub_rows", lambda hub_id: [dict(r) for r in rows])
+    D.hub_harmless.cache_clear()  # the stand-in rows are read fresh, and never left for another test
+    try:
+        d = cfg["data"]
+        pools = [D.profile_split(cfg, s, d["train_pool"]) for s in ("harmful_train", "harmless_train")]
+        pools += [D.profile_split(cfg, s, d["val_pool"]) for s in ("harmful_val", "harmless_val")]
+        pool = {p.id for ps in pools for p in ps}
+        assert pool and not pool & _defense_ids(cfg)
+    finally:
+        D.hub_harmless.cache_clear()
     splits = D.read_splits()
     defense = set(splits["harmful_defense"]) | set(splits["harmless_defense"])
     attacker = set().union(*(splits[s] for s in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")))
