@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .model_card import write_model_card
 from .models import verify_manifest, write_manifest
-from .training import load_snapshot
+from .training import load_snapshot, snapshot_digest
 
 SNAPSHOT_PREFIX = "snapshot-"
 ADAPTER_PREFIX = "adapter-"
@@ -34,12 +34,6 @@ def adapter_dir(snapshot: Path) -> Path:
     return snapshot.with_name(ADAPTER_PREFIX + snapshot.stem[len(SNAPSHOT_PREFIX):])
 
 
-def _snapshot_digest(snapshot: Path) -> str | None:
-    """The snapshot's recorded digest (its sidecar), or None when the sidecar is missing."""
-    side = snapshot.with_suffix(".sha256")
-    return side.read_text().strip() if side.is_file() else None
-
-
 def adapter_current(snapshot: Path) -> bool:
     """Whether the snapshot's adapter folder exists, matches its own manifest and was built from the
     snapshot as it is now (so an adapter of a retrained or replaced snapshot is never reused)."""
@@ -47,7 +41,7 @@ def adapter_current(snapshot: Path) -> bool:
     side = folder / SOURCE_DIGEST
     if not folder.is_dir() or not side.is_file() or not verify_manifest(folder):
         return False
-    return side.read_text().strip() == _snapshot_digest(snapshot)
+    return side.read_text().strip() == snapshot_digest(snapshot)
 
 
 def missing_adapters(snapshots: list[Path]) -> list[Path]:
@@ -66,7 +60,7 @@ def write_adapter(peft_model: Any, snapshot: Path, card: dict[str, Any], base_mo
     snapshot = Path(snapshot)
     # the digest is read before the weights: if the snapshot were replaced in between, the folder would
     # record the older digest and be rebuilt at the next check, never certified with the wrong one
-    digest = _snapshot_digest(snapshot)
+    digest = snapshot_digest(snapshot)
     load_snapshot(snapshot, peft_model.get_base_model())  # checks the snapshot against its sidecar first
     out = adapter_dir(snapshot)
     tmp = out.with_name(out.name + PARTIAL_SUFFIX)

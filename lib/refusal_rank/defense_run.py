@@ -22,7 +22,7 @@ from .config import config_hash
 from .generation import cache_key
 from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, save_verified, verify_manifest
 from .results import run_cache
-from .training import (TeacherCache, TrainState, Variant, attach_lora, load_snapshot, milestone_steps, snapshot_path,
+from .training import (TeacherCache, TrainState, Variant, attach_lora, load_snapshot, milestone_steps, snapshot_digest, snapshot_path,
                        teacher_cache, train)
 
 
@@ -244,7 +244,7 @@ def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> Mod
     check_prompt_texts(cfg, name, vdir)
     # the snapshot's digest is part of the model's name, which keys every cache of what it computes: a variant
     # retrained under the same folder is a new model, never one whose completions are reused
-    digest = snap.with_suffix(".sha256").read_text().strip() if snap.with_suffix(".sha256").is_file() else "unverified"
+    digest = snapshot_digest(snap) or "unverified"
     bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}:{digest[:12]}")
     peft_model = _trainable(cfg, bundle)
     load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them (checked against the digest)
@@ -381,10 +381,10 @@ def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmle
 
     vdir = variant_dir(cfg, name)
     snap = snapshot_path(vdir / "ckpt.pt", step)
-    side = snap.with_suffix(".sha256")
-    if not side.is_file():
+    digest = snapshot_digest(snap)
+    if digest is None:
         raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in {vdir}: train it first.")
-    key = cache_key(f"v{CACHE_VERSION}", side.read_text().strip(), cfg["seed"],
+    key = cache_key(f"v{CACHE_VERSION}", digest, cfg["seed"],
                     config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
                     {k: prompt_key(v) for k, v in sets.items()})
 

@@ -255,6 +255,13 @@ def snapshot_path(ckpt_path: Path, step: int) -> Path:
     return ckpt_path.parent / f"snapshot-{step:05d}.pt"
 
 
+def snapshot_digest(path: Path) -> str | None:
+    """A snapshot's recorded sha256 (its ``.sha256`` sidecar), or None without one: the snapshot's identity
+    in cache keys and model names, and what ``load_snapshot`` checks the file against."""
+    side = path.with_suffix(".sha256")
+    return side.read_text().strip() if side.is_file() else None
+
+
 def save_snapshot(path: Path, model) -> None:
     """Trainable weights, written atomically with a sha256 sidecar (checked on every load)."""
     from .models import sha256_file
@@ -271,8 +278,8 @@ def load_snapshot(path: Path, model) -> None:
     checking the file against its digest: a corrupted or unverified snapshot is never loaded."""
     from .models import sha256_file
 
-    side = path.with_suffix(".sha256")
-    if not side.is_file() or side.read_text().strip() != sha256_file(path):
+    recorded = snapshot_digest(path)
+    if recorded is None or recorded != sha256_file(path):
         raise ValueError(f"snapshot {path} does not match its sha256 sidecar (corrupted or incomplete): "
                          f"delete it and retrain from the rolling checkpoint.")
     weights = torch.load(path, weights_only=True)
