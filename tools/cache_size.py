@@ -27,14 +27,19 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
+def child_bytes(path: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """``tree_bytes`` of each sub-folder of ``path`` (none if ``path`` is missing), those in ``skip`` left out."""
+    if not path.is_dir():
+        return {}
+    return {d.name: tree_bytes(d) for d in sorted(path.iterdir()) if d.is_dir() and d.name not in skip}
+
+
 def measure(profile: str) -> dict:
     """Sizes of the profile's run caches (one entry per kind: defense, gen, acts...) and of the models."""
     root = cache_root()
-    runs = root / "runs" / profile
-    kinds = {d.name: tree_bytes(d) for d in sorted(runs.iterdir()) if d.is_dir()} if runs.is_dir() else {}
-    models = {d.name: tree_bytes(d) for d in sorted((root / "models").iterdir()) if d.is_dir()} if (root / "models").is_dir() else {}
-    # shared by every profile: converted models, downloaded parts, audit exports, prompt sets
-    shared = {d.name: tree_bytes(d) for d in sorted(root.iterdir()) if d.is_dir() and d.name not in ("runs", "models")}
+    kinds = child_bytes(root / "runs" / profile)
+    models = child_bytes(root / "models")
+    shared = child_bytes(root, skip=("runs", "models"))  # every profile's: downloaded parts, audit exports, prompt sets
     gib = lambda b: round(b / 2**30, 3)
     return {"profile": profile, "measured": time.strftime("%Y-%m-%d %H:%M"),
             "runs_gib": {k: gib(v) for k, v in kinds.items()}, "runs_total_gib": gib(sum(kinds.values())),
