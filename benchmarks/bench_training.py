@@ -4,13 +4,15 @@
 
 Runs the same class-balanced batches of the `defended` variant through ``training.train`` under three
 settings, side by side in one process, each after its own warm-up step: "before" (the earlier runs' setup:
-LoRA r=16, the whole batch in one padded pass, no moment memory), "unshared" (the profile's
-``[defense.lora]`` and ``[defense.train]``: its rank, length-sorted micro-batches of the profile's size, the
-moment memory, every row computed in full) and "after" (the same with ``share_prefix``: the template
-tokens every prompt starts with computed once a micro-batch).
+LoRA r=16, the whole batch in one padded pass), "unshared" (the profile's ``[defense.lora]`` and
+``[defense.train]``: its rank, length-sorted micro-batches of the profile's size, every row computed in
+full) and "after" (the same with ``share_prefix``: the template
+tokens every prompt starts with computed once a micro-batch). Every setting runs today's moment terms: a
+forward pass without a graph over the batch first, then the micro-batches with gradients.
 It reports the rows' own tokens a second (as if each prompt ran alone: the unit of every training budget)
 and the FLOPs of the positions actually computed (4 x parameters a token for LoRA: forward plus the
-backward pass into the activations; padding included, a shared prefix counted once) as a fraction of the matmul peak of the profile's dtype, measured at
+backward pass into the activations; 2 x for the moment terms' forward-only pass; padding included, a shared
+prefix counted once) as a fraction of the matmul peak of the profile's dtype, measured at
 the start and the end of the same run (the larger of the two is used). Writes ``training`` into
 results/<profile>/bench.json. It also prints the moment terms of the first step beside their noise floor
 on the real model. A benchmark, not a test: time only what runs alone.
@@ -41,16 +43,18 @@ def run_setting(cfg, lora: dict, tcfg: dict, harm, ok, layers, steps: int, workd
     t = dict(tcfg, steps=steps + 1, milestones=[steps + 1], eval_every=10**9, ckpt_every=10**9, diag_prompts=0)
     ck = workdir / f"r{lora['r']}-m{t['micro_batches']}-s{int(bool(t.get('share_prefix')))}.pt"
     state = train(bundle, v, t, harm, ok, teacher, layers, ck, stop_at=1, log=lambda *_: None)  # warm-up step, not timed (checkpointed, then resumed)
-    s0, tok0, pad0, comp0 = state.seconds, state.tokens, state.padded_tokens, state.computed_tokens
+    s0, tok0, pad0, comp0, mom0 = state.seconds, state.tokens, state.padded_tokens, state.computed_tokens, state.moment_tokens
     state = train(bundle, v, t, harm, ok, teacher, layers, ck, log=lambda *_: None)
     secs, toks, pads = state.seconds - s0, state.tokens - tok0, state.padded_tokens - pad0
     flops_tok = 2 * forward_flops_per_token(bundle.model)  # ~4 x parameters
     comp = state.computed_tokens - comp0
-    return {"lora_r": lora["r"], "micro_batches": t["micro_batches"], "moment_memory": t.get("moment_memory", 0),
+    mom = state.moment_tokens - mom0  # forward only: half the FLOPs a position
+    return {"lora_r": lora["r"], "micro_batches": t["micro_batches"], "moment_pairings": t.get("moment_pairings", 1),
             "share_prefix": bool(t.get("share_prefix", False)),
             "steps_timed": steps, "seconds": round(secs, 2), "tokens": toks, "padded_tokens": pads, "computed_tokens": comp,
             "padding_share": round(1 - toks / max(pads, 1), 4), "tokens_per_s": round(toks / secs, 3),
-            "seconds_per_step": round(secs / steps, 2), "gflops": round(comp / secs * flops_tok / 1e9, 2),
+            "seconds_per_step": round(secs / steps, 2), "moment_tokens": mom,
+            "gflops": round((comp + mom / 2) / secs * flops_tok / 1e9, 2),
             "effective_gflops": round(toks / secs * flops_tok / 1e9, 2),
             "first_step_terms": {k: round(v, 5) for k, v in state.history[0].items() if k in ("cov", "cov_null", "lm", "kd")}}
 
@@ -78,7 +82,7 @@ def main() -> None:
         rows = max(1, tc["batch_per_class"] // int(tc.get("micro_batches", 1)))
         base_t = dict(tc, batch_per_class=a.per_class, micro_batches=max(1, a.per_class // rows))
         before = run_setting(cfg, dict(dc["lora"], r=16, alpha=32),
-                             dict(base_t, micro_batches=1, moment_memory=0, share_prefix=False),
+                             dict(base_t, micro_batches=1, share_prefix=False),
                              harm, ok, layers, a.steps, Path(tmp))
         unshared = run_setting(cfg, dc["lora"], dict(base_t, share_prefix=False), harm, ok, layers, a.steps, Path(tmp))
         after = run_setting(cfg, dc["lora"], dict(base_t, share_prefix=True), harm, ok, layers, a.steps, Path(tmp))

@@ -16,7 +16,7 @@ def test_plan_trains_every_variant_to_1x_before_the_curve(tiny_cfg):
     plan = R.train_plan(tiny_cfg, ["defended", "kl_only", "paper_mean"])
     assert plan[:3] == [("defended", 1), ("kl_only", 1), ("paper_mean", 1)]
     assert plan[3:] == [("defended", 2), ("kl_only", 2), ("defended", 4), ("kl_only", 4)]  # budget_curve only
-    assert R.budget_label(tiny_cfg, 4) == "4x" and R.prompt_passes(tiny_cfg, 2) == 2 * 2 * 4
+    assert R.budget_label(tiny_cfg, 4) == "4x" and R.prompt_passes(tiny_cfg, 2) == 2 * 2 * tiny_cfg["defense"]["train"]["batch_per_class"]
 
 
 def test_train_to_a_milestone_then_on_and_load_each(cfg):

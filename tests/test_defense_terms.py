@@ -3,9 +3,9 @@ covariance term) non-zero with a gradient on a real class-balanced batch of the 
 import pytest
 import torch
 
-from refusal_rank.defense import (MomentMemory, Standardizer, class_cov_gap, class_mean_gap, cov_matching_loss,
+from refusal_rank.defense import (Standardizer, class_cov_gap, class_mean_gap, cov_matching_loss,
                                   excess_top_eig, kd_loss, masked_mean, mean_matching_loss, plugin_cov_gap,
-                                  pool_positions, prompt_lm_loss)
+                                  pool_positions, prompt_lm_loss, shuffle_rows)
 
 
 def _cov_naive(a, b):
@@ -65,6 +65,33 @@ def test_planted_gaps_read_far_above_the_noise():
     assert cov_matching_loss(h2, o).item() > null_c.mean().item() + 8 * null_c.std().item()
 
 
+def test_sorted_neighbours_hide_a_covariance_gap_that_shuffling_restores():
+    """The covariance term pairs neighbouring rows. Rows sorted by a variable that carries variance (as
+    length-sorted micro-batches are) make neighbours near-copies along it, and a gap there vanishes;
+    ``shuffle_rows`` restores the unbiased reading. The mean term does not depend on the order."""
+    g = torch.Generator().manual_seed(11)
+    d, n = 32, 128
+    length = torch.randn(n, generator=g) * 4.0  # a per-prompt variable only the harmful class's representation carries
+    h = torch.randn(n, 1, d, generator=g)
+    h[:, 0, 0] += length
+    o = torch.randn(n, 1, d, generator=g)
+    h_sorted = h[length.argsort()]
+    null = torch.tensor([cov_matching_loss(torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)).item()
+                         for _ in range(50)])
+    shuffled = torch.tensor([cov_matching_loss(shuffle_rows(h_sorted, g), shuffle_rows(o, g)).item() for _ in range(20)])
+    assert cov_matching_loss(h_sorted, o).item() < null.mean().item() + 3 * null.std().item()  # the gap is hidden
+    assert shuffled.mean().item() > null.mean().item() + 8 * null.std().item()  # and found again
+    assert mean_matching_loss(h_sorted, o).item() == pytest.approx(mean_matching_loss(h, o).item(), rel=1e-5)
+
+
+def test_shuffle_rows_permutes_rows_and_passes_gradients():
+    z = torch.arange(24, dtype=torch.float32).reshape(6, 1, 4).requires_grad_(True)
+    out = shuffle_rows(z, torch.Generator().manual_seed(0))
+    assert sorted(out[:, 0, 0].tolist()) == z[:, 0, 0].tolist() and not torch.equal(out, z)
+    (out * torch.arange(6.0).view(6, 1, 1)).sum().backward()
+    assert sorted(z.grad[:, 0, 0].tolist()) == list(range(6))  # each row's weight reached its own source row
+
+
 def test_unbiased_estimates_match_population_values():
     """class_mean_gap / class_cov_gap against the population values of a known pair of Gaussians."""
     g = torch.Generator().manual_seed(4)
@@ -86,22 +113,6 @@ def test_terms_refuse_too_few_examples_per_class():
         cov_matching_loss(torch.randn(3, 2, 4), torch.randn(8, 2, 4))
     with pytest.raises(ValueError, match=">= 2 examples"):
         mean_matching_loss(torch.randn(1, 2, 4), torch.randn(8, 2, 4))
-
-
-def test_memory_keeps_the_newest_and_detaches():
-    mem = MomentMemory(5)
-    x = torch.arange(12.0).reshape(3, 1, 4).requires_grad_(True)
-    assert mem.with_batch("harmful", x) is x  # empty memory: the batch alone
-    mem.push("harmful", x)
-    mem.push("harmful", x + 100)
-    both = mem.with_batch("harmful", x)
-    assert both.shape[0] == 3 + 5 and not mem.bank["harmful"].requires_grad
-    assert torch.equal(mem.bank["harmful"][:3], (x + 100).detach())  # newest first
-    assert mem.bank["harmless"] is None
-    st = mem.state_dict()
-    mem2 = MomentMemory(0)
-    mem2.load_state_dict(st)
-    assert mem2.size == 5 and torch.equal(mem2.bank["harmful"], mem.bank["harmful"])
 
 
 def test_excess_top_eig_scales_with_c_squared():

@@ -126,18 +126,81 @@ def test_schedule_and_milestones():
         milestone_steps({"steps": 8, "milestones": [2, 4]})
 
 
-def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path):
-    """Gradient accumulation over length-sorted micro-batches gives the update of the whole batch (the
-    terms without class statistics are means over rows; kl_only has none)."""
-    tcfg = dict(tiny_cfg["defense"]["train"], steps=1, milestones=[1], micro_batches=1, lr=1e-2, warmup_steps=0)
-    v = Variant.from_cfg("kl_only", tiny_cfg["defense"]["variants"]["kl_only"])
-    b1, _, harm, ok, layers, teacher = _setup(tiny_cfg)
-    train(b1, v, tcfg, harm, ok, teacher, layers, tmp_path / "a.pt", log=lambda *_: None)
-    b2, *_ = _setup(tiny_cfg)
-    train(b2, v, dict(tcfg, micro_batches=2), harm, ok, teacher, layers, tmp_path / "b.pt", log=lambda *_: None)
-    w1, w2 = trainable_state(b1.model), trainable_state(b2.model)
+def _first_step_grads(monkeypatch, cfg, variant, tcfg, tmp_path, name):
+    """The gradient of a variant's first step as train() computes it (read where it is clipped)."""
+    grads: dict[str, torch.Tensor] = {}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        if not grads:
+            grads.update({str(i): p.grad.detach().clone() for i, p in enumerate(params)})
+        return real(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    b, *_ , harm, ok, layers, teacher = _setup(cfg)
+    train(b, variant, dict(tcfg, steps=1, milestones=[1], diag_prompts=0), harm, ok, teacher, layers, tmp_path / f"{name}.pt",
+          log=lambda *_: None)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["kl_only", "defended", "mean_matched"])
+def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path, monkeypatch, name):
+    """Gradient accumulation over length-sorted micro-batches gives the gradient of the whole batch: the LM and
+    KD terms are means over rows, and the moment terms are batch-level, reaching each micro-batch through
+    its rows' site vectors (the two-phase step)."""
+    tcfg = dict(tiny_cfg["defense"]["train"], micro_batches=1)
+    v = Variant.from_cfg(name, tiny_cfg["defense"]["variants"][name])
+    g1 = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "one")
+    g2 = _first_step_grads(monkeypatch, tiny_cfg, v, dict(tcfg, micro_batches=4), tmp_path, "four")
+    assert g1.keys() == g2.keys() and any(g.abs().sum() > 0 for g in g1.values())
     # padding differs between the two splits, so equal up to float error, not bitwise
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3) for k in w1)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-3), k
+
+
+@pytest.mark.parametrize("name", ["defended", "mean_matched"])
+def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_path, monkeypatch, name):
+    """The moment terms alone (no LM, no KD): train()'s gradient from two micro-batches equals autograd through
+    one forward pass of the whole batch with the same pairings."""
+    from refusal_rank.training import (_micro_batch_pass, batch_moment_terms, moment_sites, token_rows)
+
+    cfgv = dict(tiny_cfg["defense"]["variants"][name], lambda_kd=0.0, lambda_lm=0.0)
+    v = Variant.from_cfg(name, cfgv)
+    tcfg = dict(tiny_cfg["defense"]["train"], micro_batches=2)
+    got = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "two")
+    b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    params = [p for p in b.model.parameters() if p.requires_grad]
+    rows = token_rows(b, harm + ok)
+    hi, oi = batch_indices(0, tcfg["seed"], len(harm), len(ok), tcfg["batch_per_class"])
+    (mh, mo), = micro_batches(hi, oi, [len(r) for r in rows[:len(harm)]], [len(r) for r in rows[len(harm):]], 1)
+    m_layers, std = moment_sites(b, v, teacher, layers)
+    _, _, z, _, _ = _micro_batch_pass(b, [rows[i] for i in mh] + [rows[len(harm) + i] for i in mo],
+                                      [harm[i] for i in mh] + [ok[i] for i in mo], True, v.moment_sites, m_layers, std, True)
+    g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + 0)
+    terms = batch_moment_terms(z[:len(mh)], z[len(mh):], v, g, int(tcfg["moment_pairings"]))
+    (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)).backward()
+    # parameters above the matched layers get no gradient from the moment terms (train() gives them zeros)
+    want = {str(i): p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
+    assert any(w.abs().sum() > 0 for w in want.values())
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-3), k
+
+
+def test_batch_moment_terms_shuffle_the_sorted_batch_and_log_the_floor():
+    from refusal_rank.training import batch_moment_terms
+
+    g = torch.Generator().manual_seed(0)
+    h, o = torch.randn(16, 2, 8, generator=g), torch.randn(16, 2, 8, generator=g)
+    v = Variant("x", lambda_cov=1.0, lambda_mean=1.0)
+    t1 = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 4)
+    t2 = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 4)
+    assert set(t1) == {"cov", "mean", "cov_null", "mean_null"} and all(torch.equal(t1[k], t2[k]) for k in t1)
+    one = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 1)
+    assert not torch.equal(one["cov"], t1["cov"])  # more pairings average more row pairs
+    with pytest.raises(ValueError, match="moment_pairings"):
+        batch_moment_terms(h, o, v, g, 0)
 
 
 def test_corrupted_snapshot_is_refused(tiny_cfg, tmp_path):

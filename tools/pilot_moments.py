@@ -1,6 +1,6 @@
 """A short pilot of the moment terms on the profile's real model, when the full budget cannot run:
 
-    python tools/pilot_moments.py --profile cpu --variant defended --steps 10 --per-class 8 --memory 64 --diag 32
+    python tools/pilot_moments.py --profile cpu --variant defended --steps 10 --per-class 8 --diag 32
 
 Trains ``variant`` for a few steps on the first prompts of the defense split (no prompt repeats: the
 teacher is computed for exactly the prompts the steps use) and records, per step, the matched term beside
@@ -30,11 +30,8 @@ def main() -> None:
     ap.add_argument("--variant", default="defended")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--per-class", type=int, default=8)
-    ap.add_argument("--memory", type=int, default=64)
     ap.add_argument("--diag", type=int, default=32, help="fixed prompts per class for the diagnostics")
     a = ap.parse_args()
-    if a.memory > a.per_class * (a.steps - 1):
-        raise SystemExit(f"--memory {a.memory} exceeds the prompts the steps see before the last: it could never fill")
     cfg = load_config(a.profile)
     dc = cfg["defense"]
     t0 = time.perf_counter()
@@ -47,7 +44,7 @@ def main() -> None:
     teacher = teacher_cache(bundle, harm + ok, layers, 2 * a.per_class, per_position=v.moment_sites == "positions")
     attach_lora(bundle.model, dc["lora"], cfg["seed"])
     bundle._nnsight = None
-    tcfg = dict(dc["train"], steps=a.steps, milestones=[a.steps], batch_per_class=a.per_class, moment_memory=a.memory,
+    tcfg = dict(dc["train"], steps=a.steps, milestones=[a.steps], batch_per_class=a.per_class,
                 diag_prompts=0, eval_every=10**9)
     diag = lambda: moment_diagnostics(bundle, v, teacher, layers, harm[:a.diag], ok[:a.diag], 2 * a.per_class)
     before = diag()
@@ -56,7 +53,7 @@ def main() -> None:
     after = diag()
     key = "cov" if v.lambda_cov else "mean"
     out = {"profile": cfg["profile"], "dtype": cfg["model"]["dtype"], "variant": a.variant, "steps": a.steps,
-           "per_class": a.per_class, "micro_batches": tcfg.get("micro_batches", 1), "memory": a.memory,
+           "per_class": a.per_class, "micro_batches": tcfg.get("micro_batches", 1),
            "lora_r": dc["lora"]["r"], "lr": tcfg["lr"], "warmup_steps": tcfg.get("warmup_steps", 0), "term": key,
            "history": state.history, "before": before, "after": after,
            "top_eig_ratio": round(after["top_eig"] / before["top_eig"], 4),

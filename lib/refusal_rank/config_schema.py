@@ -227,7 +227,7 @@ DEFENSE = Section(fields={
                             "targets": List(item=Str(choices=LORA_TARGETS), min_len=1, unique=True)}),
     "train": Section(fields={
         "steps": POS, "milestones": opt(KS()), "warmup_steps": opt(NONNEG), "batch_per_class": POS,
-        "micro_batches": opt(POS), "share_prefix": opt(Bool()), "moment_memory": opt(NONNEG), "diag_prompts": opt(NONNEG),
+        "micro_batches": opt(POS), "share_prefix": opt(Bool()), "moment_pairings": opt(POS), "diag_prompts": opt(NONNEG),
         "lr": Num(lo=0, lo_open=True), "weight_decay": Num(lo=0), "max_grad_norm": Num(lo=0, lo_open=True),
         "eval_every": POS, "ckpt_every": POS, "diverge_factor": Num(lo=1, lo_open=True), "subspace_prompts": POS,
         "drop_last_frac": Num(lo=0, hi=1, hi_open=True), "seed": NONNEG,

@@ -116,7 +116,8 @@ def class_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[to
     tr(Sigma_h Sigma_o) = E (u_p . v_q)^2. Computed through (n/2 x n/2) Gram matrices (no d x d matrix).
     The scale is a squared mean variance: it scales as c^4 like the gap, and, a sum over every dimension,
     it is far less noisy than ||Sigma||_F^2 would be, so the ratio carries almost no ratio bias (tested).
-    Inputs (n, S, d), (m, S, d) with n, m >= 4; outputs (S,), (S,)."""
+    Rows must be in a random order (``shuffle_rows``): neighbouring rows are paired. Inputs (n, S, d),
+    (m, S, d) with n, m >= 4; outputs (S,), (S,)."""
     n, m = z_harmful.shape[0], z_harmless.shape[0]
     if n < 4 or m < 4:
         raise ValueError(f"unbiased covariance matching needs >= 4 examples of each class (got {n} and {m})")
@@ -126,6 +127,18 @@ def class_cov_gap(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> tuple[to
     vv = _offdiag_mean((V @ V.transpose(1, 2)).pow(2))
     uv = (U @ V.transpose(1, 2)).pow(2).mean((1, 2))
     return uu + vv - 2 * uv, ((_total_variance(A) + _total_variance(B)) / 2).pow(2)
+
+
+def shuffle_rows(z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``z`` with its rows (first axis) in a random order; gradients flow through the permutation.
+
+    The covariance term pairs neighbouring rows, so each pair must be two independent draws of its class.
+    Rows from length-sorted micro-batches are not: neighbours share a length, their difference cancels
+    whatever covariance length carries, and the term then matches only the covariance *within* a length.
+    (Measured on the cpu model's 96 + 96 training prompts: length order read 0.063 where random orders read
+    0.091 +- 0.012 on the original, 0.026 against 0.047 +- 0.005 after 70 steps of ``defended``.)
+    A permutation makes the rows exchangeable again. The mean term sums over every pair and needs none."""
+    return z[torch.randperm(z.shape[0], generator=generator).to(z.device)]
 
 
 def mean_matching_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
@@ -174,42 +187,6 @@ def excess_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.T
     for s in range(z_harmful.shape[1]):
         out.append(torch.linalg.eigvalsh(excess_second_moment(z_harmful[:, s], z_harmless[:, s]))[-1])
     return torch.stack(out)
-
-
-class MomentMemory:
-    """A per-class memory of recent (standardised) representations, detached: class statistics from
-    ``size`` prompts per class while only the current batch carries gradients. In 1536 dimensions 16
-    prompts a class give second moments that are mostly noise; the memory makes them meaningful at no
-    extra forward cost. Vectors older than ``size`` are dropped (at batch 16 a class and size 128 the
-    oldest is 7 steps stale)."""
-
-    def __init__(self, size: int):
-        if size < 0:
-            raise ValueError("moment memory size must be >= 0")
-        self.size = size
-        self.bank: dict[str, torch.Tensor | None] = {"harmful": None, "harmless": None}
-
-    def with_batch(self, cls: str, current: torch.Tensor) -> torch.Tensor:
-        """The current batch (with gradients) followed by the remembered vectors of ``cls``."""
-        old = self.bank[cls]
-        if old is None or self.size == 0:
-            return current
-        return torch.cat([current, old.to(current.device, current.dtype)], 0)
-
-    def push(self, cls: str, current: torch.Tensor) -> None:
-        """Remember ``current`` (detached), keeping the newest ``size`` vectors."""
-        if self.size == 0:
-            return
-        new = current.detach().float().cpu()
-        old = self.bank[cls]
-        both = new if old is None else torch.cat([new, old], 0)
-        self.bank[cls] = both[: self.size].clone()
-
-    def state_dict(self) -> dict:
-        return {"size": self.size, "bank": self.bank}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.size, self.bank = state["size"], dict(state["bank"])
 
 
 def null_split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

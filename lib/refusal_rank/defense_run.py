@@ -46,6 +46,7 @@ def default_variants(cfg: dict[str, Any]) -> list[str]:
 
 
 TRAIN_CODE = "mb-sorted"
+MOMENT_CODE = "batch-moments"
 
 
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
@@ -57,8 +58,12 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     shared = {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")}
     shared["train"] = {k: v for k, v in shared["train"].items() if k != "share_prefix"}
     # TRAIN_CODE names changes of the training code that change the update for the same config (bump it then):
-    # "mb-sorted": micro-batches cut by real token counts (the moment terms are per micro-batch)
-    key = cache_key(cfg["model"], shared, TRAIN_CODE,
+    # "mb-sorted": micro-batches cut by real token counts. MOMENT_CODE, for variants with moment terms only:
+    # "batch-moments": the terms read the whole step's batch at the current weights (no detached memory),
+    # their covariance pairs drawn at random
+    variant = dc["variants"][name]
+    code = TRAIN_CODE + (f"+{MOMENT_CODE}" if variant.get("lambda_cov") or variant.get("lambda_mean") else "")
+    key = cache_key(cfg["model"], shared, code,
                     dc["variants"][name],
                     [p.id for p in harm + ok])
     return run_cache(cfg, "defense", f"{name}-{key}")
@@ -160,6 +165,7 @@ def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=pri
                               layers, out / "ckpt.pt", evaluate=evaluate, stop_at=until, log=log)
     record = {"variant": variant.__dict__, "steps": state.step, "seconds": round(state.seconds, 1), "tokens": state.tokens,
               "padded_tokens": state.padded_tokens, "computed_tokens": state.computed_tokens,
+              "moment_tokens": state.moment_tokens,
               "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 2), "history": state.history, "evals": state.evals,
               "milestones": {budget_label(cfg, m): m for m in milestone_steps(dc["train"]) if m <= state.step},
               # a LoRA step costs ~4 x parameters a token (forward, backward into the activations); full: ~6 x
@@ -439,12 +445,14 @@ def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
 def training_entry(record: dict[str, Any], peak_gflops: float | None, flops_per_token: float | None) -> dict[str, Any]:
     """summary.json's ``training.<variant>``: step time, the rows' own tokens a second (each prompt counted
     as if run alone: the unit of the budgets) and, as a share of the peak, the FLOPs of the positions
-    actually computed (``fraction_of_peak``: padding in, a shared prefix once) and of the rows' tokens
+    actually computed (``fraction_of_peak``: padding in, a shared prefix once, the moment terms' forward-only
+    pass at half weight) and of the rows' tokens
     (``effective_fraction_of_peak``, above the other when a shared prefix saves work)."""
     tps = record["tokens_per_s"]
     out = {"steps": record["steps"], "seconds": record["seconds"], "tokens_per_s": tps,
            "padding_share": round(1 - record["tokens"] / max(record.get("padded_tokens") or record["tokens"], 1), 4)}
     computed = record.get("computed_tokens") or record.get("padded_tokens") or record["tokens"]
+    computed += record.get("moment_tokens", 0) / 2  # the moment terms' forward-only pass: half the FLOPs a position
     out["computed_per_token"] = round(computed / max(record["tokens"], 1), 4)
     if peak_gflops and flops_per_token:
         out["fraction_of_peak"] = round(tps * out["computed_per_token"] * flops_per_token / 1e9 / peak_gflops, 4)

@@ -10,18 +10,22 @@ Design:
   would have seen, so the final weights are the same (tested).
 * Every activation read and patch goes through nnsight (gradients flow through its traces): pooled
   decoder-layer outputs for the moment terms, and run-time ablation for the ablation-aware term.
-* Moment terms are scale-free and unbiased (``defense``) and read class statistics from the current batch
-  plus a per-class memory of the last ``moment_memory`` pooled vectors (detached). Every step also logs the
-  same terms on two halves of the harmless class (``*_null``): the term's noise floor, beside its value.
+* Moment terms are scale-free and unbiased (``defense``) and read the whole step's batch at the current
+  weights. The batch does not fit one pass, so a step runs in two phases: a forward pass without a graph
+  gives every row's site vectors, the terms and their gradient with respect to those vectors; the
+  micro-batches then run with gradients and receive that gradient through their own vectors (the exact
+  gradient of the batch-level terms: tested against one pass over the whole batch). An earlier version read
+  each micro-batch beside a memory of older, detached vectors; the optimiser lowered that estimate by moving
+  the current vectors away from the stale ones (measured on ``cpu``, notebook 03), so no stale vector enters
+  a term now. Every step also logs the terms on two random halves of the harmless class (``*_null``).
 * The batch is split into ``micro_batches`` class-balanced micro-batches of similar length (gradients
-  accumulate): the same prompts and, for the LM and KD terms, the same update, with less padding computed.
-  The moment terms read each micro-batch with the memory, so how the batch is cut changes their update.
+  accumulate): the same prompts and the same update, with less padding computed.
 * With ``share_prefix`` the template tokens every prompt of a micro-batch starts with are computed once
   (``prefix_share``): the same losses and gradients (tested), about half the positions on the cpu profile.
 * The learning rate warms up linearly for ``warmup_steps`` and then stays constant, so that the snapshots
   kept at ``milestones`` (1x, 2x, 4x, 8x of the base budget) are each a model trained at the same rate for
   that many prompt passes, none favoured by a decay that ends on it.
-* Checkpoints (trainable weights, optimiser, step, history, moment memory) are written atomically every
+* Checkpoints (trainable weights, optimiser, step, history) are written atomically every
   ``ckpt_every`` steps; a non-finite loss or a loss above ``diverge_factor`` x its first value stops
   training with a message naming the step and the last checkpoint.
 """
@@ -39,7 +43,7 @@ import torch
 from .progress import tqdm
 
 from .activations import Ablation, chat_texts, encode, run_interventions
-from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, prompt_lm_loss
+from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, null_split, prompt_lm_loss, shuffle_rows
 from .models import ModelBundle
 from .prefix_share import (SharedPass, common_prefix_len, last_logits, prompt_mean_hidden, shared_lm_loss,
                            shared_prefix_forward, tail_hidden)
@@ -167,7 +171,7 @@ class TrainState:
     tokens: int = 0          # prompt tokens trained on (every row's own, as if each were run alone)
     padded_tokens: int = 0   # positions of the left-padded batches those rows make
     computed_tokens: int = 0  # positions the forward passes computed (fewer with a shared prefix)
-    moment_memory: dict[str, Any] | None = None
+    moment_tokens: int = 0   # positions of the moment terms' extra forward passes (no backward)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -416,6 +420,53 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
             "sites": mode, "n_sites": int(h.shape[1]), "n": [int(h.shape[0]), int(o.shape[0])]}
 
 
+def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, variant: Variant,
+                       generator: torch.Generator, pairings: int = 1) -> dict[str, torch.Tensor]:
+    """A variant's moment terms on one step's batch, (n, S, d) site vectors per class, plus their noise floor
+    on two random halves of the harmless class (``*_null``, no gradient).
+
+    The covariance term pairs rows (``defense.class_cov_gap``); the batch arrives length-sorted, so the rows
+    are shuffled first, and the term is averaged over ``pairings`` random pairings: each is unbiased, and
+    their mean uses more of the n(n-1)/2 row pairs, so the estimate is less noisy at no forward cost."""
+    if pairings < 1:
+        raise ValueError(f"defense.train.moment_pairings must be >= 1 (got {pairings})")
+    terms: dict[str, torch.Tensor] = {}
+    if variant.lambda_cov:
+        terms["cov"] = sum(cov_matching_loss(shuffle_rows(z_harmful, generator), shuffle_rows(z_harmless, generator))
+                           for _ in range(pairings)) / pairings
+    if variant.lambda_mean:
+        terms["mean"] = mean_matching_loss(z_harmful, z_harmless)
+    with torch.no_grad():
+        o1, o2 = null_split(shuffle_rows(z_harmless.detach(), generator))
+        if variant.lambda_cov and min(len(o1), len(o2)) >= 4:
+            terms["cov_null"] = cov_matching_loss(o1, o2)
+        if variant.lambda_mean and min(len(o1), len(o2)) >= 2:
+            terms["mean_null"] = mean_matching_loss(o1, o2)
+    return terms
+
+
+def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts: Sequence[str], share: bool, mode: str,
+                      m_layers: Sequence[int], z_std: Standardizer, moments: bool):
+    """One micro-batch's forward pass: (prompt LM loss, last-position logits (B, V), standardised site vectors
+    (B, S, d) or None, positions computed, the padded encoding or None when the prefix was shared)."""
+    n_post = bundle.n_post
+    n_pre = common_prefix_len(rows, keep=n_post + 1) if share else 0
+    if n_pre:
+        sp = shared_prefix_forward(bundle.model, rows, m_layers if moments else [], n_pre, bundle.tokenizer.pad_token_id)
+        z = _shared_site_vectors(sp, mode, m_layers, n_post, z_std) if moments else None
+        return shared_lm_loss(sp), last_logits(sp), z, n_pre + int(sp.ids.numel()), None
+    enc = encode(bundle, list(texts))
+    saved: list[Any] = []
+    with bundle.lm.trace(enc):
+        if moments:
+            _save_sites(bundle.lm, mode, m_layers, n_post, saved)
+        saved.append(bundle.lm.lm_head.output.save())
+    logits = saved[-1]
+    z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std) if moments else None
+    return (prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"]), logits[:, -1, :], z,
+            int(enc["attention_mask"].numel()), enc)
+
+
 def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: Sequence[str], harmless: Sequence[str],
           teacher: TeacherCache, layers: Sequence[int], ckpt_path: Path,
           evaluate: Callable[[int], dict[str, Any]] | None = None, stop_after: int | None = None,
@@ -426,7 +477,6 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     ``stop_after`` ends the call after that many steps of this call (used to test resuming); ``stop_at``
     ends it once ``stop_at`` steps are done (to train a variant to one milestone and continue it later).
     """
-    from .defense import MomentMemory, null_split
 
     model = bundle.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -450,9 +500,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     m_layers, z_std = moment_sites(bundle, variant, teacher, layers)
     mode = variant.moment_sites
     moments = bool(variant.lambda_cov or variant.lambda_mean)
-    memory = MomentMemory(int(tcfg.get("moment_memory", 0)))
-    if state.moment_memory is not None:
-        memory.load_state_dict(state.moment_memory)
+    pairings = int(tcfg.get("moment_pairings", 1))
     tok = bundle.tokenizer
     # token ids exactly as ``encode`` makes them, unpadded: lengths for the micro-batches, rows for prefix sharing
     all_rows = token_rows(bundle, list(harmful) + list(harmless))
@@ -482,53 +530,40 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             k_abl = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
         mbs = micro_batches(hi, oi, h_len, o_len, n_micro)
         mb_rows = [[all_rows[i] for i in mh] + [all_rows[n_h + i] for i in mo] for mh, mo in mbs]
+        mb_texts = [[harmful[i] for i in mh] + [harmless[i] for i in mo] for mh, mo in mbs]
         n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
-        for (mh, mo), rows, n_t in zip(mbs, mb_rows, n_targets):
+        fwd = lambda rows, texts: _micro_batch_pass(bundle, rows, texts, share, mode, m_layers, z_std, moments)
+        g_h = g_o = None
+        if moments:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
+            with torch.no_grad():
+                zs = [fwd(rows, texts) for rows, texts in zip(mb_rows, mb_texts)]
+            state.moment_tokens += sum(p[3] for p in zs)
+            z_h = torch.cat([p[2][:len(mh)] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
+            z_o = torch.cat([p[2][len(mh):] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
+            del zs
+            # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
+            pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
+            mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings)
+            m_loss = variant.lambda_cov * mterms.get("cov", 0.0) + variant.lambda_mean * mterms.get("mean", 0.0)
+            g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
+            sums.update({k: float(v.detach()) for k, v in mterms.items()})
+            value += float(m_loss.detach())
+        off_h = off_o = 0
+        for (mh, mo), rows, texts, n_t in zip(mbs, mb_rows, mb_texts, n_targets):
             c = len(mh)
-            w = c / per_class  # this micro-batch's share of the batch's rows (KD, moment terms)
+            w = c / per_class  # this micro-batch's share of the batch's rows (KD)
             w_lm = n_t / sum(n_targets)  # and of its LM targets: the accumulated LM loss is the whole batch's mean
-            texts = [harmful[i] for i in mh] + [harmless[i] for i in mo]
             t_logits = torch.cat([teacher.logits[mh], teacher.logits[[n_h + i for i in mo]]]).float().to(bundle.device)
-            n_pre = common_prefix_len(rows, keep=n_post + 1) if share else 0
-            enc = None if n_pre else encode(bundle, texts)
             terms: dict[str, torch.Tensor] = {}
-            if n_pre:
-                sp = shared_prefix_forward(model, rows, m_layers if moments else [], n_pre, tok.pad_token_id)
-                terms["lm"] = shared_lm_loss(sp)
-                terms["kd"] = kd_loss(last_logits(sp), t_logits, variant.temperature)
-                z = _shared_site_vectors(sp, mode, m_layers, n_post, z_std) if moments else None
-                state.computed_tokens += n_pre + int(sp.ids.numel())
-            else:
-                saved: list[Any] = []
-                with lm.trace(enc):
-                    if moments:
-                        _save_sites(lm, mode, m_layers, n_post, saved)
-                    saved.append(lm.lm_head.output.save())
-                logits = saved[-1]
-                terms["lm"] = prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"])
-                terms["kd"] = kd_loss(logits[:, -1, :], t_logits, variant.temperature)
-                z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std) if moments else None
-                state.computed_tokens += int(enc["attention_mask"].numel())
-            if moments:
-                zh, zo = memory.with_batch("harmful", z[:c]), memory.with_batch("harmless", z[c:])
-                if variant.lambda_cov:
-                    terms["cov"] = cov_matching_loss(zh, zo)
-                if variant.lambda_mean:
-                    terms["mean"] = mean_matching_loss(zh, zo)
-                with torch.no_grad():  # the noise floor: the same term on two halves of one class
-                    o1, o2 = null_split(zo.detach())
-                    if min(o1.shape[0], o2.shape[0]) >= 4:
-                        if variant.lambda_cov:
-                            terms["cov_null"] = cov_matching_loss(o1, o2)
-                        if variant.lambda_mean:
-                            terms["mean_null"] = mean_matching_loss(o1, o2)
-                memory.push("harmful", z[:c])
-                memory.push("harmless", z[c:])
-            rest = (variant.lambda_kd * terms["kd"] + variant.lambda_cov * terms.get("cov", 0.0)
-                    + variant.lambda_mean * terms.get("mean", 0.0))
-            loss = w_lm * variant.lambda_lm * terms["lm"] + w * rest
-            loss.backward()
+            terms["lm"], last, z, n_computed, enc = fwd(rows, texts)
+            terms["kd"] = kd_loss(last, t_logits, variant.temperature)
+            state.computed_tokens += n_computed
+            loss = w_lm * variant.lambda_lm * terms["lm"] + w * variant.lambda_kd * terms["kd"]
             value += float(loss.detach())
+            if moments:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
+                loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
+                off_h, off_o = off_h + c, off_o + len(mo)
+            loss.backward()
             if variant.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
                 a = max(1, min(c, (variant.abl_per_class or per_class) // n_micro))
                 keep = list(range(a)) + list(range(c, c + a))
@@ -540,7 +575,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 terms["abl"] = kd_loss(saved2[0], t_logits[keep], variant.temperature)
                 (w * variant.lambda_abl * terms["abl"]).backward()
                 value += w * variant.lambda_abl * float(terms["abl"].detach())
-            for k, v in terms.items():
+            for k, v in terms.items():  # the per-micro-batch terms; the moment terms were logged once above
                 sums[k] = sums.get(k, 0.0) + (w_lm if k == "lm" else w) * float(v.detach())
             state.tokens += sum(len(r) for r in rows)
             state.padded_tokens += len(rows) * max(len(r) for r in rows)
@@ -577,7 +612,6 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 entry["moments"] = diag()
             state.evals.append(entry)
             model.train()
-        state.moment_memory = memory.state_dict() if memory.size else None
         if state.step % tcfg["ckpt_every"] == 0 or at_milestone or state.step == end:
             save_checkpoint(ckpt_path, model, opt, state, basis)
             saved_step = state.step
