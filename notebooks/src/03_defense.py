@@ -26,8 +26,11 @@
 # * **unbiased**: every second-order quantity is a U-statistic over *distinct* prompts (the diagonal Gram
 #   terms, which carry each prompt's own variance, are dropped; covariances use differences of prompt pairs,
 #   so no class mean is estimated at all). Two samples of one distribution give 0 on average;
-# * **estimated from enough prompts**: the current micro-batch (with gradients) together with a per-class
-#   memory of the last `moment_memory` pooled vectors (detached, a few steps old);
+# * **estimated from the whole step's batch at the current weights**: a step first runs its 16 + 16 prompts
+#   without a graph, computes the terms and their gradient with respect to the site vectors, then runs the
+#   micro-batches with gradients, each receiving that gradient through its own vectors (exact; one extra
+#   forward pass a step). Rows are shuffled before the covariance term pairs them, over `moment_pairings`
+#   random pairings;
 # * **watched against their noise floor**: every step logs the same term on two halves of the harmless
 #   class (figure 03_2).
 #
@@ -196,6 +199,16 @@ for name in results:
 # say whether matching the classes *for real* (terms at their floor, top eigenvalue falling at a steady
 # total variance), pooling as the paper does, or more budget changes that; notebook 04 attacks the final
 # checkpoints with every estimator.
+#
+# A second attempt (the scale-free, unbiased terms, but each micro-batch of 4 + 4 read beside a memory of
+# the last 128 vectors of each class, detached and up to 8 steps old) was gamed through the memory. After 70
+# steps its logged covariance term was 8e-4, but on the fixed diagnostic prompts the term was 0.044 (0.089
+# before training, noise floor 0.010). Recomputed at step 70 on that step's real batch: 8e-4 with the real
+# memory, 0.032 with the memory's prompts rerun at the current weights; the stale vectors had cosine 0.81
+# with their current ones. Moving the current vectors away from the stale ones inflates the spread the term
+# divides by. The rows had also been paired in length order, which hides part of the gap (0.063 against
+# 0.091 for random pairings on the original model). Both are fixed (above); that run was discarded and
+# `defended`, `paper_mean` and `mean_matched` were trained with the fix (`results/cpu/forensics/`).
 #
 # **Speed.** A step is the unit of every budget, so its cost decides how far the curve reaches. On a CPU
 # without native bf16 the step is float32 and compute-bound (about half the matmul peak), so only less work
