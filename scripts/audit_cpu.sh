@@ -14,7 +14,7 @@ FULL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) FULL=1 ;;
-    --profile) PROFILE="$2"; shift ;;
+    --profile) [ $# -ge 2 ] || { echo "audit_cpu.sh: --profile needs a value" >&2; exit 2; }; PROFILE="$2"; shift ;;
     *) echo "audit_cpu.sh: unknown argument $1 (use --full, --profile NAME)" >&2; exit 2 ;;
   esac
   shift

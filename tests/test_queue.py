@@ -18,6 +18,12 @@ def test_bad_arguments_stop_with_one_sentence(args, says):
     assert r.returncode == 2 and says in r.stderr and r.stdout == ""  # no stage started
 
 
+@pytest.mark.parametrize("args, says", [(["--profile"], "--profile needs a value"), (["--bogus"], "unknown argument --bogus")])
+def test_audit_script_bad_arguments_stop_with_one_sentence(args, says):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "audit_cpu.sh"), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr and r.stdout == ""  # no audit started
+
+
 def test_the_body_is_one_function_called_at_the_end():
     lines = [l for l in QUEUE.read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert lines[0] == "main() {" and lines[-3:] == ["}", 'main "$@"', "exit"]
