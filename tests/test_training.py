@@ -180,7 +180,7 @@ def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_
                                       [harm[i] for i in mh] + [ok[i] for i in mo], True, v.moment_sites, m_layers, std, True)
     g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + 0)
     terms = batch_moment_terms(z[:len(mh)], z[len(mh):], v, g, int(tcfg["moment_pairings"]))
-    (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)).backward()
+    (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)).backward()  # written out, not moment_objective
     # parameters above the matched layers get no gradient from the moment terms (train() gives them zeros)
     want = {str(i): p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
     assert any(w.abs().sum() > 0 for w in want.values())

@@ -11,7 +11,7 @@ Design:
 * Every activation read and patch goes through nnsight (gradients flow through its traces): pooled
   decoder-layer outputs for the moment terms, and run-time ablation for the ablation-aware term.
 * Moment terms are scale-free and unbiased (``defense``) and read the whole step's batch at the current
-  weights. The batch does not fit one pass, so a step runs in two phases: a forward pass without a graph
+  weights. When the batch is cut into micro-batches, a step runs in two phases: a forward pass without a graph
   gives every row's site vectors, the terms and their gradient with respect to those vectors; the
   micro-batches then run with gradients and receive that gradient through their own vectors (the exact
   gradient of the batch-level terms: tested against one pass over the whole batch). An earlier version read
@@ -445,6 +445,11 @@ def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, varian
     return terms
 
 
+def moment_objective(terms: dict[str, torch.Tensor], variant: Variant) -> torch.Tensor:
+    """The weighted moment terms a variant trains on (their ``*_null`` floors are logged, not trained)."""
+    return variant.lambda_cov * terms.get("cov", 0.0) + variant.lambda_mean * terms.get("mean", 0.0)
+
+
 def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts: Sequence[str], share: bool, mode: str,
                       m_layers: Sequence[int], z_std: Standardizer, moments: bool):
     """One micro-batch's forward pass: (prompt LM loss, last-position logits (B, V), standardised site vectors
@@ -534,17 +539,18 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
         fwd = lambda rows, texts: _micro_batch_pass(bundle, rows, texts, share, mode, m_layers, z_std, moments)
         g_h = g_o = None
-        if moments:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
+        # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
+        pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
+        two_phase = moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
+        if two_phase:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
             with torch.no_grad():
                 zs = [fwd(rows, texts) for rows, texts in zip(mb_rows, mb_texts)]
             state.moment_tokens += sum(p[3] for p in zs)
             z_h = torch.cat([p[2][:len(mh)] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             z_o = torch.cat([p[2][len(mh):] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             del zs
-            # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
-            pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
             mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings)
-            m_loss = variant.lambda_cov * mterms.get("cov", 0.0) + variant.lambda_mean * mterms.get("mean", 0.0)
+            m_loss = moment_objective(mterms, variant)
             g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
             sums.update({k: float(v.detach()) for k, v in mterms.items()})
             value += float(m_loss.detach())
@@ -560,9 +566,15 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             state.computed_tokens += n_computed
             loss = w_lm * variant.lambda_lm * terms["lm"] + w * variant.lambda_kd * terms["kd"]
             value += float(loss.detach())
-            if moments:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
+            if two_phase:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
                 loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
                 off_h, off_o = off_h + c, off_o + len(mo)
+            elif moments:  # the whole batch in this one pass
+                mterms = batch_moment_terms(z[:c], z[c:], variant, pairing, pairings)
+                m_loss = moment_objective(mterms, variant)
+                sums.update({k: float(v.detach()) for k, v in mterms.items()})
+                value += float(m_loss.detach())
+                loss = loss + m_loss
             loss.backward()
             if variant.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
                 a = max(1, min(c, (variant.abl_per_class or per_class) // n_micro))
