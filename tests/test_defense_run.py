@@ -80,3 +80,19 @@ def test_checkpoint_eval_is_cached_by_snapshot_and_config(cfg, monkeypatch):
     assert len(calls) == 3
     with pytest.raises(FileNotFoundError, match="no verified snapshot"):
         R.checkpoint_eval(cfg, "defended", 1, sets, [], torch.zeros(1), log=quiet)
+
+
+def test_variant_key_moves_with_what_trains_its_weights(cfg):
+    """A moment knob changes the key of a variant with moment terms only; a shared knob changes every key."""
+    import copy
+
+    def key(c, name):
+        return R.variant_dir(c, name).name
+
+    c2 = copy.deepcopy(cfg)
+    c2["defense"]["train"]["moment_pairings"] = cfg["defense"]["train"].get("moment_pairings", 1) + 3
+    assert key(c2, "defended") != key(cfg, "defended") and key(c2, "mean_matched") != key(cfg, "mean_matched")
+    assert key(c2, "kl_only") == key(cfg, "kl_only") and key(c2, "ablation_aware") == key(cfg, "ablation_aware")
+    c3 = copy.deepcopy(cfg)
+    c3["defense"]["train"]["lr"] = cfg["defense"]["train"]["lr"] * 2
+    assert all(key(c3, n) != key(cfg, n) for n in ("defended", "kl_only"))

@@ -56,8 +56,9 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     assert [h["lr"] for h in state.history][0] <= tiny_cfg["defense"]["train"]["lr"]
 
 
-def test_resume_gives_the_same_weights(tiny_cfg, tmp_path):
-    v = Variant.from_cfg("ablation_aware", tiny_cfg["defense"]["variants"]["ablation_aware"])
+@pytest.mark.parametrize("name", ["ablation_aware", "defended"])
+def test_resume_gives_the_same_weights(tiny_cfg, tmp_path, name):
+    v = Variant.from_cfg(name, tiny_cfg["defense"]["variants"][name])
     tcfg = tiny_cfg["defense"]["train"]
     b1, _, harm, ok, layers, teacher = _setup(tiny_cfg)
     train(b1, v, tcfg, harm, ok, teacher, layers, tmp_path / "a.pt", log=lambda *_: None)

@@ -6,13 +6,13 @@
 * ``kd_loss``: T^2 * KL(softmax(t/T) || softmax(s/T)) at the last prompt position, where refuse-or-comply
   is decided. The T^2 factor keeps the gradient scale comparable across T (Hinton et al.); as T grows,
   T^2 * KL tends to the logit-matching limit sum((ds - mean ds)^2) / (2 V) (tested).
-* ``cov_matching_loss`` / ``mean_matching_loss``: on *pooled* representations (mean over the
-  post-instruction positions) at every decoder layer, after per-layer, per-dimension standardisation by
-  the teacher's pooled statistics (``Standardizer``). Qwen residual streams carry a few dimensions of
-  huge magnitude; without standardisation they would dominate both terms, and so would late layers.
-  L_cov = ||Cov_harmful - Cov_harmless||_F^2 / d^2, averaged over layers, computed through n x n Gram
-  matrices (no d x d matrix is formed). A covariance needs >= 2 examples per class: the function refuses
-  fewer, which is how the paper's micro-batch of 2 (one per class) silently made its term zero.
+* ``cov_matching_loss`` / ``mean_matching_loss``: per site (a layer's pooled representation, or a layer and
+  position), after per-dimension standardisation by the teacher's statistics (``Standardizer``: Qwen
+  residual streams carry a few dimensions of huge magnitude that would otherwise be the whole trace).
+  Each is scale-free (the class gap divided by the student's own current spread) and unbiased
+  (U-statistics over distinct prompts; covariances from differences of row pairs), computed through
+  n x n Gram matrices (no d x d matrix is formed). The covariance term needs >= 4 examples per class and
+  rows in a random order (``shuffle_rows``); the paper's micro-batch of 2 silently made its term zero.
 """
 from __future__ import annotations
 

@@ -56,13 +56,16 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     # not which of them notebook 03 runs by default)
     # share_prefix only changes how the same losses are computed (tested equal), so it is left out too
     shared = {k: v for k, v in dc.items() if k not in ("variants", "targets", "run", "budget_curve", "eval", "screen")}
-    shared["train"] = {k: v for k, v in shared["train"].items() if k != "share_prefix"}
+    variant = dc["variants"][name]
+    moments = bool(variant.get("lambda_cov") or variant.get("lambda_mean"))
+    # the moment terms' knobs cannot change a variant without moment terms (its key stays when they change)
+    moment_knobs = () if moments else ("moment_pairings",)
+    shared["train"] = {k: v for k, v in shared["train"].items() if k != "share_prefix" and k not in moment_knobs}
     # TRAIN_CODE names changes of the training code that change the update for the same config (bump it then):
     # "mb-sorted": micro-batches cut by real token counts. MOMENT_CODE, for variants with moment terms only:
     # "batch-moments": the terms read the whole step's batch at the current weights (no detached memory),
     # their covariance pairs drawn at random
-    variant = dc["variants"][name]
-    code = TRAIN_CODE + (f"+{MOMENT_CODE}" if variant.get("lambda_cov") or variant.get("lambda_mean") else "")
+    code = TRAIN_CODE + (f"+{MOMENT_CODE}" if moments else "")
     key = cache_key(cfg["model"], shared, code,
                     dc["variants"][name],
                     [p.id for p in harm + ok])

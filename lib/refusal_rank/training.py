@@ -251,7 +251,9 @@ def load_checkpoint(path: Path, model, opt, log=print) -> tuple[TrainState, torc
         for n, w in ck["weights"].items():
             params[n].copy_(w)
     opt.load_state_dict(ck["opt"])
-    return TrainState(**ck["state"]), ck["basis"]
+    # fields a newer TrainState dropped (e.g. the moment memory of checkpoints before e3b05e6) are ignored
+    known = {k: v for k, v in ck["state"].items() if k in TrainState.__dataclass_fields__}
+    return TrainState(**known), ck["basis"]
 
 
 def snapshot_path(ckpt_path: Path, step: int) -> Path:
@@ -409,7 +411,7 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
                     _save_sites(bundle.lm, mode, m_layers, bundle.n_post, saved)
                 out.append(_site_vectors([t.float() for t in saved], mode, enc["attention_mask"], std).float().cpu())
             return torch.cat(out)
-        h, o = vectors(harmful), vectors(harmless)
+        h, o = vectors(harmful), vectors(harmless)  # the splits' order is a seeded random one: fit to pair
     finally:
         bundle.model.train(was)
     o1, o2 = null_split(o)
@@ -498,7 +500,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     end = min(steps, stop_at) if stop_at is not None else steps
     milestones = milestone_steps(tcfg)
     n_micro = int(tcfg.get("micro_batches", 1))
-    lm, n_post = bundle.lm, bundle.n_post
+    lm = bundle.lm
     n_h = len(harmful)
     first_loss = (sum(state.history[0].get(k, 0.0) for k in ("lm", "kd", "abl")) if state.history else None)
     abl_layers = list(range(int(bundle.n_layers * (1 - tcfg.get("drop_last_frac", 0.2)))))
@@ -506,7 +508,6 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     mode = variant.moment_sites
     moments = bool(variant.lambda_cov or variant.lambda_mean)
     pairings = int(tcfg.get("moment_pairings", 1))
-    tok = bundle.tokenizer
     # token ids exactly as ``encode`` makes them, unpadded: lengths for the micro-batches, rows for prefix sharing
     all_rows = token_rows(bundle, list(harmful) + list(harmless))
     lengths = [len(r) for r in all_rows]
@@ -543,11 +544,11 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
         two_phase = moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
         if two_phase:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
-            with torch.no_grad():
-                zs = [fwd(rows, texts) for rows, texts in zip(mb_rows, mb_texts)]
-            state.moment_tokens += sum(p[3] for p in zs)
-            z_h = torch.cat([p[2][:len(mh)] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
-            z_o = torch.cat([p[2][len(mh):] for p, (mh, _) in zip(zs, mbs)]).requires_grad_(True)
+            with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
+                zs = [fwd(rows, texts)[2:4] for rows, texts in zip(mb_rows, mb_texts)]
+            state.moment_tokens += sum(n for _, n in zs)
+            z_h = torch.cat([z[:len(mh)] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
+            z_o = torch.cat([z[len(mh):] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             del zs
             mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings)
             m_loss = moment_objective(mterms, variant)
