@@ -128,7 +128,7 @@ def test_schedule_and_milestones():
 
 
 def _first_step_grads(monkeypatch, cfg, variant, tcfg, tmp_path, name):
-    """The gradient of a variant's first step as train() computes it (read where it is clipped)."""
+    """The gradient of a variant's first step as train() computes it (read where it is clipped), and the state."""
     grads: dict[str, torch.Tensor] = {}
     real = torch.nn.utils.clip_grad_norm_
 
@@ -140,10 +140,10 @@ def _first_step_grads(monkeypatch, cfg, variant, tcfg, tmp_path, name):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     b, *_ , harm, ok, layers, teacher = _setup(cfg)
-    train(b, variant, dict(tcfg, steps=1, milestones=[1], diag_prompts=0), harm, ok, teacher, layers, tmp_path / f"{name}.pt",
-          log=lambda *_: None)
+    state = train(b, variant, dict(tcfg, steps=1, milestones=[1], diag_prompts=0), harm, ok, teacher, layers,
+                  tmp_path / f"{name}.pt", log=lambda *_: None)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
-    return grads
+    return grads, state
 
 
 @pytest.mark.parametrize("name", ["kl_only", "defended", "mean_matched"])
@@ -153,8 +153,8 @@ def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path, monkeypat
     its rows' site vectors (the two-phase step)."""
     tcfg = dict(tiny_cfg["defense"]["train"], micro_batches=1)
     v = Variant.from_cfg(name, tiny_cfg["defense"]["variants"][name])
-    g1 = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "one")
-    g2 = _first_step_grads(monkeypatch, tiny_cfg, v, dict(tcfg, micro_batches=4), tmp_path, "four")
+    g1, _ = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "one")
+    g2, _ = _first_step_grads(monkeypatch, tiny_cfg, v, dict(tcfg, micro_batches=4), tmp_path, "four")
     assert g1.keys() == g2.keys() and any(g.abs().sum() > 0 for g in g1.values())
     # padding differs between the two splits, so equal up to float error, not bitwise
     for k in g1:
@@ -170,7 +170,7 @@ def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_
     cfgv = dict(tiny_cfg["defense"]["variants"][name], lambda_kd=0.0, lambda_lm=0.0)
     v = Variant.from_cfg(name, cfgv)
     tcfg = dict(tiny_cfg["defense"]["train"], micro_batches=2)
-    got = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "two")
+    got, _ = _first_step_grads(monkeypatch, tiny_cfg, v, tcfg, tmp_path, "two")
     b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
     params = [p for p in b.model.parameters() if p.requires_grad]
     rows = token_rows(b, harm + ok)

@@ -69,9 +69,11 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]], layers: Sequence[int],
-                          n_prefix: int, pad_id: int) -> SharedPass:
+                          n_prefix: int, pad_id: int, logits: bool = True) -> SharedPass:
     """Run ``rows`` (token ids, unpadded) through ``model`` with their first ``n_prefix`` tokens computed
-    once. ``layers``: decoder layers whose outputs are kept (for the moment terms). Gradients flow."""
+    once. ``layers``: decoder layers whose outputs are kept (for the moment terms). Gradients flow.
+    ``logits=False``: only the last position's logits are computed (a pass that needs hidden states only
+    skips most of the vocabulary projection; the pass's LM loss and last logits are then meaningless)."""
     from transformers import DynamicCache
 
     if n_prefix < 1 or any(list(r[:n_prefix]) != list(rows[0][:n_prefix]) for r in rows):
@@ -91,7 +93,8 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
     handles = [dec[l].register_forward_hook(hook(l)) for l in want]
     try:
         prefix = torch.tensor(list(rows[0][:n_prefix]), device=device)
-        pre = model(input_ids=prefix[None], use_cache=True)
+        keep = {} if logits else {"logits_to_keep": 1}
+        pre = model(input_ids=prefix[None], use_cache=True, **keep)
         b = len(rows)
         cache = DynamicCache(config=model.config)
         for i, layer in enumerate(pre.past_key_values.layers):
@@ -104,7 +107,7 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
             ids[i, :len(suf)], mask[i, :len(suf)] = suf, 1
         attn = torch.cat([torch.ones((b, n_prefix), dtype=torch.long, device=device), mask], dim=1)
         pos = (n_prefix + torch.arange(s, device=device)).expand(b, -1)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, **keep)
     finally:
         for h in handles:
             h.remove()

@@ -453,24 +453,30 @@ def moment_objective(terms: dict[str, torch.Tensor], variant: Variant) -> torch.
 
 
 def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts: Sequence[str], share: bool, mode: str,
-                      m_layers: Sequence[int], z_std: Standardizer, moments: bool):
+                      m_layers: Sequence[int], z_std: Standardizer, moments: bool, logits: bool = True):
     """One micro-batch's forward pass: (prompt LM loss, last-position logits (B, V), standardised site vectors
-    (B, S, d) or None, positions computed, the padded encoding or None when the prefix was shared)."""
+    (B, S, d) or None, positions computed, the padded encoding or None when the prefix was shared).
+    ``logits=False`` (the moment terms' pass without a graph): no vocabulary projection; LM loss and logits None."""
     n_post = bundle.n_post
     n_pre = common_prefix_len(rows, keep=n_post + 1) if share else 0
     if n_pre:
-        sp = shared_prefix_forward(bundle.model, rows, m_layers if moments else [], n_pre, bundle.tokenizer.pad_token_id)
+        sp = shared_prefix_forward(bundle.model, rows, m_layers if moments else [], n_pre, bundle.tokenizer.pad_token_id,
+                                   logits=logits)
         z = _shared_site_vectors(sp, mode, m_layers, n_post, z_std) if moments else None
+        if not logits:
+            return None, None, z, n_pre + int(sp.ids.numel()), None
         return shared_lm_loss(sp), last_logits(sp), z, n_pre + int(sp.ids.numel()), None
     enc = encode(bundle, list(texts))
     saved: list[Any] = []
-    with bundle.lm.trace(enc):
+    with bundle.lm.trace(enc, **({} if logits else {"logits_to_keep": 1})):
         if moments:
             _save_sites(bundle.lm, mode, m_layers, n_post, saved)
         saved.append(bundle.lm.lm_head.output.save())
-    logits = saved[-1]
+    out = saved[-1]
     z = _site_vectors(saved[:-1], mode, enc["attention_mask"], z_std) if moments else None
-    return (prompt_lm_loss(logits, enc["input_ids"], enc["attention_mask"]), logits[:, -1, :], z,
+    if not logits:
+        return None, None, z, int(enc["attention_mask"].numel()), enc
+    return (prompt_lm_loss(out, enc["input_ids"], enc["attention_mask"]), out[:, -1, :], z,
             int(enc["attention_mask"].numel()), enc)
 
 
@@ -538,14 +544,15 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         mb_rows = [[all_rows[i] for i in mh] + [all_rows[n_h + i] for i in mo] for mh, mo in mbs]
         mb_texts = [[harmful[i] for i in mh] + [harmless[i] for i in mo] for mh, mo in mbs]
         n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
-        fwd = lambda rows, texts: _micro_batch_pass(bundle, rows, texts, share, mode, m_layers, z_std, moments)
+        fwd = lambda rows, texts, logits=True: _micro_batch_pass(bundle, rows, texts, share, mode, m_layers, z_std,
+                                                                  moments, logits)
         g_h = g_o = None
         # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
         pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
         two_phase = moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
         if two_phase:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
             with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
-                zs = [fwd(rows, texts)[2:4] for rows, texts in zip(mb_rows, mb_texts)]
+                zs = [fwd(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows, mb_texts)]
             state.moment_tokens += sum(n for _, n in zs)
             z_h = torch.cat([z[:len(mh)] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             z_o = torch.cat([z[len(mh):] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
