@@ -1,11 +1,14 @@
 """Each term of the defense's objective: zero when it should be, growing with the gap, and (for the
 covariance term) non-zero with a gradient on a real class-balanced batch of the tiny model."""
+import math
+
 import pytest
 import torch
 
 from refusal_rank.defense import (Standardizer, class_cov_gap, class_mean_gap, cov_matching_loss,
                                   excess_top_eig, kd_loss, masked_mean, mean_matching_loss, plugin_cov_gap,
-                                  pool_positions, prompt_lm_loss, shuffle_rows)
+                                  pool_positions, prompt_lm_loss, shuffle_rows, spread_anchor_loss,
+                                  spread_log_ratio)
 
 
 def _cov_naive(a, b):
@@ -90,6 +93,48 @@ def test_shuffle_rows_permutes_rows_and_passes_gradients():
     assert sorted(out[:, 0, 0].tolist()) == z[:, 0, 0].tolist() and not torch.equal(out, z)
     (out * torch.arange(6.0).view(6, 1, 1)).sum().backward()
     assert sorted(z.grad[:, 0, 0].tolist()) == list(range(6))  # each row's weight reached its own source row
+
+
+def test_spread_ratio_is_zero_at_the_teachers_units_and_log_c_squared_under_scaling():
+    g = torch.Generator().manual_seed(12)
+    h, o = torch.randn(400, 2, 32, generator=g), torch.randn(400, 2, 32, generator=g)  # standardised: 1 a dimension
+    assert spread_log_ratio(h, o).abs().max().item() < 0.05
+    for c in (0.1, 3.0):
+        assert spread_log_ratio(c * h, c * o).mean().item() == pytest.approx(spread_log_ratio(h, o).mean().item() + 2 * math.log(c), abs=1e-4)
+    assert spread_anchor_loss(0.5 * h, 0.5 * o).item() == pytest.approx(spread_anchor_loss(2 * h, 2 * o).item(), rel=0.1)
+
+
+def test_inflating_a_shared_direction_does_not_pay_at_the_cpu_weights():
+    """The loophole the anchor closes: a spread both classes share, inflated, lowers the scale-free covariance
+    term without matching anything (measured: the cpu run did it). At the cpu profile's weights the anchor
+    makes every inflation cost more than it gains; without it, inflating pays."""
+    from refusal_rank.config import load_config
+
+    v = load_config("cpu")["defense"]["variants"]["defended"]
+    g = torch.Generator().manual_seed(13)
+    d, n, draws = 64, 128, 100
+    scale_h = torch.ones(d)
+    scale_h[:4] = 1.6  # a planted covariance gap
+    norm = ((scale_h**2).sum() / 2 + d / 2) ** 0.5 / d**0.5  # about the teacher's units: 1 a dimension pooled
+
+    def draw(c):  # direction 10 inflated c-fold in both classes alike (a shared spread)
+        h = torch.randn(n, 1, d, generator=g) * scale_h / norm
+        o = torch.randn(n, 1, d, generator=g) / norm
+        h[..., 10] *= c
+        o[..., 10] *= c
+        return h, o
+
+    obj, bare = [], []
+    for c in (1.0, 2.0, 4.0, 8.0):
+        cov = anc = 0.0
+        for _ in range(draws):
+            h, o = draw(c)
+            cov += cov_matching_loss(h, o).item() / draws
+            anc += spread_anchor_loss(h, o).item() / draws
+        bare.append(v["lambda_cov"] * cov)
+        obj.append(v["lambda_cov"] * cov + v["lambda_spread"] * anc)
+    assert bare[-1] < 0.5 * bare[0]  # the loophole is real without the anchor
+    assert obj[0] == min(obj)  # and closed with it
 
 
 def test_unbiased_estimates_match_population_values():

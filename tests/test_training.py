@@ -46,6 +46,7 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     if v.lambda_cov or v.lambda_mean:  # each term logged beside its noise floor (two halves of one class)
         key = "cov" if v.lambda_cov else "mean"
         assert all(math.isfinite(h[key]) for h in state.history) and f"{key}_null" in state.history[-1]
+        assert "log_spread" in state.history[-1] and (("spread" in state.history[-1]) == (v.lambda_spread > 0))
     # the moment diagnostics before training and at every milestone
     diag = [e for e in state.evals if "moments" in e]
     assert diag[0]["step"] == 0 and {e["step"] for e in diag} >= set(tiny_cfg["defense"]["train"]["milestones"])
@@ -127,6 +128,12 @@ def test_schedule_and_milestones():
         milestone_steps({"steps": 8, "milestones": [2, 4]})
 
 
+def _grad_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float error, judged on the whole tensor: padding and summation order differ between the
+    paths compared, and the moment terms' large weights scale that error with the gradient."""
+    return float((a - b).norm()) <= 1e-4 * float(b.norm()) + 1e-8
+
+
 def _first_step_grads(monkeypatch, cfg, variant, tcfg, tmp_path, name):
     """The gradient of a variant's first step as train() computes it (read where it is clipped), and the state."""
     grads: dict[str, torch.Tensor] = {}
@@ -158,7 +165,7 @@ def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path, monkeypat
     assert g1.keys() == g2.keys() and any(g.abs().sum() > 0 for g in g1.values())
     # padding differs between the two splits, so equal up to float error, not bitwise
     for k in g1:
-        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-3), k
+        assert _grad_close(g1[k], g2[k]), k
 
 
 @pytest.mark.parametrize("name", ["defended", "mean_matched"])
@@ -181,12 +188,13 @@ def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_
                                       [harm[i] for i in mh] + [ok[i] for i in mo], True, v.moment_sites, m_layers, std, True)
     g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + 0)
     terms = batch_moment_terms(z[:len(mh)], z[len(mh):], v, g, int(tcfg["moment_pairings"]))
-    (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)).backward()  # written out, not moment_objective
+    (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)
+     + v.lambda_spread * terms["spread"]).backward()  # written out, not moment_objective
     # parameters above the matched layers get no gradient from the moment terms (train() gives them zeros)
     want = {str(i): p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
     assert any(w.abs().sum() > 0 for w in want.values())
     for k in want:
-        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-3), k
+        assert _grad_close(got[k], want[k]), k
 
 
 def test_batch_moment_terms_shuffle_the_sorted_batch_and_log_the_floor():
@@ -197,7 +205,7 @@ def test_batch_moment_terms_shuffle_the_sorted_batch_and_log_the_floor():
     v = Variant("x", lambda_cov=1.0, lambda_mean=1.0)
     t1 = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 4)
     t2 = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 4)
-    assert set(t1) == {"cov", "mean", "cov_null", "mean_null"} and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert set(t1) == {"cov", "mean", "cov_null", "mean_null", "log_spread"} and all(torch.equal(t1[k], t2[k]) for k in t1)
     one = batch_moment_terms(h, o, v, torch.Generator().manual_seed(1), 1)
     assert not torch.equal(one["cov"], t1["cov"])  # more pairings average more row pairs
     with pytest.raises(ValueError, match="moment_pairings"):

@@ -216,7 +216,7 @@ EVAL = Section(fields={
 })
 VARIANT = Section(fields={
     "lambda_kd": opt(Num(lo=0)), "temperature": opt(Num(lo=0, lo_open=True)), "lambda_cov": opt(Num(lo=0)),
-    "lambda_mean": opt(Num(lo=0)), "lambda_lm": opt(Num(lo=0)), "lambda_abl": opt(Num(lo=0)),
+    "lambda_mean": opt(Num(lo=0)), "lambda_spread": opt(Num(lo=0)), "lambda_lm": opt(Num(lo=0)), "lambda_abl": opt(Num(lo=0)),
     "moment_sites": opt(Str(choices=MOMENT_SITES)), "moment_depth": opt(Num(lo=0, hi=1, lo_open=True)),
     "k_max": opt(POS), "refresh_every": opt(POS), "abl_per_class": opt(NONNEG),
 })

@@ -1,6 +1,7 @@
 """The defense's objective (notebook 03), one small function per term.
 
     loss = L_lm + lambda_kd * T^2 * KL(teacher_T || student_T) + lambda_cov * L_cov + lambda_mean * L_mean
+           + lambda_spread * L_spread
 
 * ``prompt_lm_loss``: next-token cross-entropy over the (prompt-only, chat-formatted) tokens.
 * ``kd_loss``: T^2 * KL(softmax(t/T) || softmax(s/T)) at the last prompt position, where refuse-or-comply
@@ -187,6 +188,25 @@ def excess_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.T
     for s in range(z_harmful.shape[1]):
         out.append(torch.linalg.eigvalsh(excess_second_moment(z_harmful[:, s], z_harmless[:, s]))[-1])
     return torch.stack(out)
+
+
+def spread_log_ratio(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """Per site, log(total variance of both classes pooled / d): 0 where the student's spread is the teacher's.
+
+    The site vectors are standardised by the teacher's per-dimension statistics over the training prompts,
+    so the teacher's pooled total variance is d (1 a dimension). A scale-free term can still be lowered by
+    inflating a spread both classes share (the gap stays, the denominator grows), and in a model whose every
+    block starts with an RMS norm the residual stream's scale costs the LM and KD terms almost nothing: the
+    cpu run inflated it 2- to 1600-fold by layer within 30 steps (notebook 03). Penalising this log ratio
+    holds the spread where the teacher had it. Inputs (n, S, d), (m, S, d); output (S,)."""
+    x = torch.cat([_per_site(z_harmful), _per_site(z_harmless)], 1)
+    return torch.log(_total_variance(x).clamp_min(1e-12) / x.shape[-1])
+
+
+def spread_anchor_loss(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """Mean over sites of ``spread_log_ratio`` squared: shrinking or inflating the representations by c
+    costs (2 log c)^2, symmetric in c and 1/c."""
+    return spread_log_ratio(z_harmful, z_harmless).pow(2).mean()
 
 
 def null_split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

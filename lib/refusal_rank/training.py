@@ -43,7 +43,8 @@ import torch
 from .progress import tqdm
 
 from .activations import Ablation, chat_texts, encode, run_interventions
-from .defense import Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, null_split, prompt_lm_loss, shuffle_rows
+from .defense import (Standardizer, cov_matching_loss, kd_loss, mean_matching_loss, null_split, prompt_lm_loss, shuffle_rows,
+                      spread_anchor_loss, spread_log_ratio)
 from .models import ModelBundle
 from .prefix_share import (SharedPass, common_prefix_len, last_logits, prompt_mean_hidden, shared_lm_loss,
                            shared_prefix_forward, tail_hidden)
@@ -62,6 +63,7 @@ class Variant:
     temperature: float = 1.0
     lambda_cov: float = 0.0
     lambda_mean: float = 0.0
+    lambda_spread: float = 0.0  # holds the matched sites' spread at the teacher's (defense.spread_anchor_loss)
     lambda_lm: float = 1.0
     lambda_abl: float = 0.0  # ablation-aware distillation
     moment_sites: str = "pooled"  # "pooled": mean over post-instruction positions; "positions": each position;
@@ -419,6 +421,7 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
     return {"mean": round(float(mean_matching_loss(h, o)), 6), "mean_null": round(float(mean_matching_loss(o1, o2)), 6),
             "cov": round(float(cov_matching_loss(h, o)), 6), "cov_null": round(float(cov_matching_loss(o1, o2)), 6),
             "top_eig": round(float(excess_top_eig(h, o).mean()), 6), "total_var": round(float(var.mean() / 2), 4),
+            "spread": round(float(spread_log_ratio(h, o).mean().exp()), 4),
             "sites": mode, "n_sites": int(h.shape[1]), "n": [int(h.shape[0]), int(o.shape[0])]}
 
 
@@ -438,7 +441,11 @@ def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, varian
                            for _ in range(pairings)) / pairings
     if variant.lambda_mean:
         terms["mean"] = mean_matching_loss(z_harmful, z_harmless)
+    if variant.lambda_spread:
+        terms["spread"] = spread_anchor_loss(z_harmful, z_harmless)
     with torch.no_grad():
+        # the spread's log ratio, logged whatever its weight: exp of its mean over sites is the typical factor
+        terms["log_spread"] = spread_log_ratio(z_harmful.detach(), z_harmless.detach()).mean()
         o1, o2 = null_split(shuffle_rows(z_harmless.detach(), generator))
         if variant.lambda_cov and min(len(o1), len(o2)) >= 4:
             terms["cov_null"] = cov_matching_loss(o1, o2)
@@ -448,8 +455,9 @@ def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, varian
 
 
 def moment_objective(terms: dict[str, torch.Tensor], variant: Variant) -> torch.Tensor:
-    """The weighted moment terms a variant trains on (their ``*_null`` floors are logged, not trained)."""
-    return variant.lambda_cov * terms.get("cov", 0.0) + variant.lambda_mean * terms.get("mean", 0.0)
+    """The weighted moment terms a variant trains on (``*_null`` floors and ``log_spread`` are logged, not trained)."""
+    return (variant.lambda_cov * terms.get("cov", 0.0) + variant.lambda_mean * terms.get("mean", 0.0)
+            + variant.lambda_spread * terms.get("spread", 0.0))
 
 
 def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts: Sequence[str], share: bool, mode: str,
