@@ -34,9 +34,13 @@
 # * **watched against their noise floor**: every step logs the same term on two halves of the harmless
 #   class (figure 03_2).
 #
-# The optimiser could still lower a ratio by inflating a spread shared by both classes. The moment
-# diagnostics (the total variance and the top eigenvalue of the excess second moment on fixed prompts,
-# before training and at every milestone) tell matching from shrinking or inflating.
+# * **anchored in scale**: a ratio can still be lowered by inflating a spread both classes share, and the
+#   optimiser did so (below), so every moment variant also pays `lambda_spread` x the mean over sites of
+#   $\log(\operatorname{tr}\Sigma_{pooled}/d)^2$, zero at the teacher's spread.
+#
+# The moment diagnostics (the total variance, its ratio to the teacher's, and the top eigenvalue of the
+# excess second moment on fixed prompts, before training and at every milestone) tell matching from
+# shrinking or inflating.
 #
 # **Variants** (same budget, batches and adapters; `[defense.variants]`, shown below):
 # `defended` (the paper's objective: covariance term, pooled over the post-instruction positions, every
@@ -207,8 +211,10 @@ for name in results:
 # memory, 0.032 with the memory's prompts rerun at the current weights; the stale vectors had cosine 0.81
 # with their current ones. Moving the current vectors away from the stale ones inflates the spread the term
 # divides by. The rows had also been paired in length order, which hides part of the gap (0.063 against
-# 0.091 for random pairings on the original model). Both are fixed (above); that run was discarded and
-# `defended`, `paper_mean` and `mean_matched` were trained with the fix (`results/cpu/forensics/`).
+# 0.091 for random pairings on the original model). A third attempt read the whole batch at the current
+# weights, with no anchor: within 30 steps it inflated the standardised spread 2- to 1600-fold by layer
+# (gradient norm 47 -> 3973, prompt LM loss 1.1 -> 2.9) and was stopped. Every fix is above; those runs
+# were discarded and the moment variants here were trained with all of them (`results/cpu/forensics/`).
 #
 # **Speed.** A step is the unit of every budget, so its cost decides how far the curve reaches. On a CPU
 # without native bf16 the step is float32 and compute-bound (about half the matmul peak), so only less work

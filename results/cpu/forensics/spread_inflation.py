@@ -1,6 +1,10 @@
-"""Which sites blow up the covariance term's gradient? defended checkpoint (step from ckpt.pt), one training batch."""
+"""Ran once (2026-12-05) with the library at a9897a2 on the `defended` run trained with the whole-batch terms and
+no spread anchor (commits e3b05e6 to a9897a2, one computation; cache folder defended-8dec3f3421f2da1efc49,
+checkpoint at step 30, where it was stopped); output spread_inflation.json (a per-site gradient norm it also
+printed read 0, a bug of this script, and was dropped from the JSON).
+Which sites blow up the covariance term's gradient? defended checkpoint (step from ckpt.pt), one training batch."""
 import sys, json, torch
-sys.path.insert(0, "/work/main/lib")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "lib"))
 from refusal_rank.config import load_config
 from refusal_rank import defense_run as DR
 from refusal_rank.models import bundle_from_pretrained, checkpoint_dir
