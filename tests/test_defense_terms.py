@@ -236,3 +236,11 @@ def test_cov_term_nonzero_with_gradient_on_real_batch(tiny):
     finally:
         w.grad = None
         w.requires_grad_(False)
+
+
+def test_spread_against_the_teachers_own_rows_is_zero_for_the_teacher_and_log_c_squared_for_c_times_it():
+    g = torch.Generator().manual_seed(14)
+    th, to = torch.randn(16, 3, 32, generator=g) * 0.5, torch.randn(16, 3, 32, generator=g) * 0.5  # a small batch
+    assert spread_log_ratio(th, to, (th, to)).abs().max().item() < 1e-6  # exact on the batch, whatever d says
+    assert spread_log_ratio(th, to).mean().item() < -1.0  # against d the same batch reads far below 0
+    assert spread_log_ratio(3 * th, 3 * to, (th, to)).mean().item() == pytest.approx(2 * math.log(3), abs=1e-5)

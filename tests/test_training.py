@@ -50,7 +50,8 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     # the moment diagnostics before training and at every milestone
     diag = [e for e in state.evals if "moments" in e]
     assert diag[0]["step"] == 0 and {e["step"] for e in diag} >= set(tiny_cfg["defense"]["train"]["milestones"])
-    assert {"top_eig", "total_var", "mean", "mean_null", "cov", "cov_null"} <= set(diag[0]["moments"])
+    assert {"top_eig", "total_var", "mean", "mean_null", "cov", "cov_null", "spread"} <= set(diag[0]["moments"])
+    assert diag[0]["moments"]["spread"] == pytest.approx(1.0, abs=0.02)  # the teacher against itself
     # a snapshot per milestone, verified on load
     for m in tiny_cfg["defense"]["train"]["milestones"]:
         assert snapshot_path(tmp_path / "ck.pt", m).is_file()
@@ -172,7 +173,8 @@ def test_micro_batched_step_equals_the_whole_batch(tiny_cfg, tmp_path, monkeypat
 def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_path, monkeypatch, name):
     """The moment terms alone (no LM, no KD): train()'s gradient from two micro-batches equals autograd through
     one forward pass of the whole batch with the same pairings."""
-    from refusal_rank.training import (_micro_batch_pass, batch_moment_terms, moment_sites, token_rows)
+    from refusal_rank.training import (_micro_batch_pass, batch_moment_terms, moment_sites, teacher_site_vectors,
+                                       token_rows)
 
     cfgv = dict(tiny_cfg["defense"]["variants"][name], lambda_kd=0.0, lambda_lm=0.0)
     v = Variant.from_cfg(name, cfgv)
@@ -187,7 +189,9 @@ def test_two_phase_moment_gradient_equals_one_pass_over_the_batch(tiny_cfg, tmp_
     _, _, z, _, _ = _micro_batch_pass(b, [rows[i] for i in mh] + [rows[len(harm) + i] for i in mo],
                                       [harm[i] for i in mh] + [ok[i] for i in mo], True, v.moment_sites, m_layers, std, True)
     g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + 0)
-    terms = batch_moment_terms(z[:len(mh)], z[len(mh):], v, g, int(tcfg["moment_pairings"]))
+    ref = (teacher_site_vectors(b, v, teacher, layers, mh, std),
+           teacher_site_vectors(b, v, teacher, layers, [len(harm) + i for i in mo], std))
+    terms = batch_moment_terms(z[:len(mh)], z[len(mh):], v, g, int(tcfg["moment_pairings"]), ref)
     (v.lambda_cov * terms.get("cov", 0.0) + v.lambda_mean * terms.get("mean", 0.0)
      + v.lambda_spread * terms["spread"]).backward()  # written out, not moment_objective
     # parameters above the matched layers get no gradient from the moment terms (train() gives them zeros)
@@ -224,3 +228,22 @@ def test_corrupted_snapshot_is_refused(tiny_cfg, tmp_path):
     snap.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         load_snapshot(snap, b.model)
+
+
+def test_teacher_site_vectors_are_the_teachers_standardised_sites(tiny_cfg):
+    """The spread anchor's reference: the teacher's own site vectors of the batch rows, at the variant's sites,
+    standardised as the student's are (so the student at step 0, the teacher, reads a spread ratio of 1)."""
+    from refusal_rank.training import _micro_batch_pass, moment_sites, teacher_site_vectors, token_rows
+
+    b, _, harm, ok, layers, teacher = _setup(tiny_cfg)
+    for name in ("defended", "mean_matched", "paper_mean"):
+        v = Variant.from_cfg(name, tiny_cfg["defense"]["variants"][name])
+        m_layers, std = moment_sites(b, v, teacher, layers)
+        rows = token_rows(b, harm + ok)
+        idx = [0, 3, len(harm) + 1, len(harm) + 5]
+        with torch.no_grad():
+            z = _micro_batch_pass(b, [rows[i] for i in idx], [(harm + ok)[i] for i in idx], True, v.moment_sites,
+                                  m_layers, std, True, logits=False)[2]
+        t = teacher_site_vectors(b, v, teacher, layers, idx, std)
+        assert t.shape == z.shape
+        assert torch.allclose(t, z, atol=2e-2 * float(z.abs().max())), name  # float16 storage

@@ -46,7 +46,7 @@ def default_variants(cfg: dict[str, Any]) -> list[str]:
 
 
 TRAIN_CODE = "mb-sorted"
-MOMENT_CODE = "batch-moments"
+MOMENT_CODE = "batch-moments+teacher-spread"
 
 
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
@@ -64,7 +64,8 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     # TRAIN_CODE names changes of the training code that change the update for the same config (bump it then):
     # "mb-sorted": micro-batches cut by real token counts. MOMENT_CODE, for variants with moment terms only:
     # "batch-moments": the terms read the whole step's batch at the current weights (no detached memory),
-    # their covariance pairs drawn at random
+    # their covariance pairs drawn at random; "teacher-spread": the spread anchor's reference is the teacher's
+    # spread on the same batch
     code = TRAIN_CODE + (f"+{MOMENT_CODE}" if moments else "")
     key = cache_key(cfg["model"], shared, code,
                     dc["variants"][name],
@@ -96,7 +97,7 @@ def cached_teacher(cfg: dict[str, Any], bundle: ModelBundle, texts: list[str], l
 
     # the teacher is the original model whatever the student is called: one cache for every variant
     key = cache_key(f"v{CACHE_VERSION}:{config_hash(cfg, 'model')}:original", texts, layers, bundle.n_post,
-                    "with-prompt-pooling", *(["per-position"] if per_position else []))
+                    "with-prompt-pooling", "with-site-vectors", *(["per-position"] if per_position else []))
     return cached_value(run_cache(cfg, "teacher") / f"{key}.pt",
                         lambda: teacher_cache(bundle, texts, layers, cfg["eval"]["fwd_batch_size"], per_position))
 

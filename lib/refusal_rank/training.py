@@ -87,6 +87,9 @@ class TeacherCache:
     ids: list[str] = field(default_factory=list)
     position_standardizer: Standardizer | None = None  # per (layer, position), flattened: (L * n_post, d)
     prompt_standardizer: Standardizer | None = None  # per layer, of the mean over every prompt token: (L, d)
+    # every prompt's own site vectors (float16, unstandardised), by moment_sites mode: "pooled" and "prompt"
+    # (N, L, d), "positions" (N, L * n_post, d) with per_position. The spread anchor's reference on a batch
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()  # not inference_mode: these tensors enter the student's autograd graph as constants
@@ -104,6 +107,8 @@ def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[
     pooled = torch.empty(len(prompts), len(layers), bundle.d_model, dtype=torch.float32)
     whole = torch.empty(len(prompts), len(layers), bundle.d_model, dtype=torch.float32)
     s1 = s2 = None
+    per_pos_all = (torch.empty(len(prompts), len(layers) * bundle.n_post, bundle.d_model, dtype=torch.float16)
+                   if per_position else None)
     for idx in tqdm(list(length_batches(bundle, prompts, batch_size)), desc="teacher", leave=False):
         enc = encode(bundle, [prompts[i] for i in idx])
         saved: list[Any] = []
@@ -119,6 +124,7 @@ def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[
         whole[idx] = torch.stack([masked_mean(h, mask) for h in full], dim=1).float()
         if per_position:
             flat = per_pos.flatten(1, 2)
+            per_pos_all[idx] = flat.half()
             s1 = flat.sum(0) if s1 is None else s1 + flat.sum(0)
             s2 = flat.pow(2).sum(0) if s2 is None else s2 + flat.pow(2).sum(0)
     pos = None
@@ -127,8 +133,9 @@ def teacher_cache(bundle: ModelBundle, prompts: Sequence[str], layers: Sequence[
         mean = s1 / n
         var = (s2 - n * mean.pow(2)) / max(n - 1, 1)
         pos = Standardizer(mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-4).float())
+    vectors = {"pooled": pooled.half(), "prompt": whole.half(), **({"positions": per_pos_all} if per_position else {})}
     return TeacherCache(logits, Standardizer.fit(pooled), position_standardizer=pos,
-                        prompt_standardizer=Standardizer.fit(whole))
+                        prompt_standardizer=Standardizer.fit(whole), vectors=vectors)
 
 
 def batch_indices(step: int, seed: int, n_harm: int, n_ok: int, per_class: int) -> tuple[list[int], list[int]]:
@@ -363,6 +370,19 @@ def _save_sites(lm: Any, mode: str, m_layers: Sequence[int], n_post: int, saved:
         saved.append((out if mode == "prompt" else out[:, -n_post:, :]).save())
 
 
+def teacher_site_vectors(bundle: ModelBundle, variant: Variant, teacher: TeacherCache, layers: Sequence[int],
+                         rows: Sequence[int], std: Standardizer) -> torch.Tensor:
+    """The teacher's standardised site vectors of prompts ``rows`` (indices into the teacher's prompts), at the
+    sites ``moment_sites`` chooses for ``variant``: (len(rows), S, d) float32, what the student's are compared to."""
+    mode = variant.moment_sites
+    if mode not in teacher.vectors:
+        raise ValueError(f"the teacher cache holds no {mode!r} site vectors: rebuild it (per_position for 'positions')")
+    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
+    if mode == "positions":
+        m_idx = [i * bundle.n_post + p for i in m_idx for p in range(bundle.n_post)]
+    return std(teacher.vectors[mode][list(rows)][:, m_idx].float())
+
+
 def _site_vectors(saved: Sequence[torch.Tensor], mode: str, mask: torch.Tensor, std: Standardizer) -> torch.Tensor:
     """(B, S, d) standardised site vectors from what ``_save_sites`` saved."""
     from .defense import masked_mean
@@ -389,7 +409,8 @@ def _shared_site_vectors(sp: SharedPass, mode: str, m_layers: Sequence[int], n_p
 
 @torch.no_grad()
 def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCache, layers: Sequence[int],
-                       harmful: Sequence[str], harmless: Sequence[str], batch_size: int) -> dict[str, Any]:
+                       harmful: Sequence[str], harmless: Sequence[str], batch_size: int,
+                       teacher_rows: tuple[Sequence[int], Sequence[int]] | None = None) -> dict[str, Any]:
     """At the current weights, on fixed prompts: the scale-free terms, their value on two halves of the
     harmless class (the noise floor), the top eigenvalue of the excess second moment and the total
     variance of the standardised representations, averaged over the matched sites. Shrinking shows as a
@@ -418,17 +439,23 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
         bundle.model.train(was)
     o1, o2 = null_split(o)
     _, var = class_mean_gap(h, o)
+    # the spread against the teacher's on the same prompts (``teacher_rows``: their indices in the teacher cache)
+    ref = None
+    if teacher_rows is not None and mode in teacher.vectors:
+        ref = tuple(teacher_site_vectors(bundle, v, teacher, layers, r, std) for r in teacher_rows)
     return {"mean": round(float(mean_matching_loss(h, o)), 6), "mean_null": round(float(mean_matching_loss(o1, o2)), 6),
             "cov": round(float(cov_matching_loss(h, o)), 6), "cov_null": round(float(cov_matching_loss(o1, o2)), 6),
             "top_eig": round(float(excess_top_eig(h, o).mean()), 6), "total_var": round(float(var.mean() / 2), 4),
-            "spread": round(float(spread_log_ratio(h, o).mean().exp()), 4),
+            "spread": round(float(spread_log_ratio(h, o, ref).mean().exp()), 4),
             "sites": mode, "n_sites": int(h.shape[1]), "n": [int(h.shape[0]), int(o.shape[0])]}
 
 
 def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, variant: Variant,
-                       generator: torch.Generator, pairings: int = 1) -> dict[str, torch.Tensor]:
+                       generator: torch.Generator, pairings: int = 1,
+                       reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A variant's moment terms on one step's batch, (n, S, d) site vectors per class, plus their noise floor
-    on two random halves of the harmless class (``*_null``, no gradient).
+    on two random halves of the harmless class (``*_null``, no gradient). ``reference``: the teacher's site
+    vectors of the same rows, against which the spread anchor compares (else the standardised units, d).
 
     The covariance term pairs rows (``defense.class_cov_gap``); the batch arrives length-sorted, so the rows
     are shuffled first, and the term is averaged over ``pairings`` random pairings: each is unbiased, and
@@ -442,10 +469,10 @@ def batch_moment_terms(z_harmful: torch.Tensor, z_harmless: torch.Tensor, varian
     if variant.lambda_mean:
         terms["mean"] = mean_matching_loss(z_harmful, z_harmless)
     if variant.lambda_spread:
-        terms["spread"] = spread_anchor_loss(z_harmful, z_harmless)
+        terms["spread"] = spread_anchor_loss(z_harmful, z_harmless, reference)
     with torch.no_grad():
         # the spread's log ratio, logged whatever its weight: exp of its mean over sites is the typical factor
-        terms["log_spread"] = spread_log_ratio(z_harmful.detach(), z_harmless.detach()).mean()
+        terms["log_spread"] = spread_log_ratio(z_harmful.detach(), z_harmless.detach(), reference).mean()
         o1, o2 = null_split(shuffle_rows(z_harmless.detach(), generator))
         if variant.lambda_cov and min(len(o1), len(o2)) >= 4:
             terms["cov_null"] = cov_matching_loss(o1, o2)
@@ -528,8 +555,9 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     share = bool(tcfg.get("share_prefix", False))
     h_len, o_len = lengths[:n_h], lengths[n_h:]
     diag_n = int(tcfg.get("diag_prompts", 0))
+    diag_rows = (list(range(min(diag_n, n_h))), [n_h + i for i in range(min(diag_n, len(harmless)))])
     diag = (lambda: moment_diagnostics(bundle, variant, teacher, layers, harmful[:diag_n], harmless[:diag_n],
-                                       2 * per_class // n_micro)) if diag_n else None
+                                       2 * per_class // n_micro, diag_rows)) if diag_n else None
     if diag is not None and state.step == 0 and not state.evals:
         state.evals.append({"step": 0, "moments": diag()})
     model.train()
@@ -558,6 +586,10 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
         pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
         two_phase = moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
+        ref = None
+        if moments:  # the teacher's vectors of the same rows, in the same order (the spread anchor's reference)
+            ref = (teacher_site_vectors(bundle, variant, teacher, layers, [i for mh, _ in mbs for i in mh], z_std),
+                   teacher_site_vectors(bundle, variant, teacher, layers, [n_h + i for _, mo in mbs for i in mo], z_std))
         if two_phase:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
             with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
                 zs = [fwd(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows, mb_texts)]
@@ -565,7 +597,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             z_h = torch.cat([z[:len(mh)] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             z_o = torch.cat([z[len(mh):] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
             del zs
-            mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings)
+            mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings, ref)
             m_loss = moment_objective(mterms, variant)
             g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
             sums.update({k: float(v.detach()) for k, v in mterms.items()})
@@ -586,7 +618,7 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
                 loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
                 off_h, off_o = off_h + c, off_o + len(mo)
             elif moments:  # the whole batch in this one pass
-                mterms = batch_moment_terms(z[:c], z[c:], variant, pairing, pairings)
+                mterms = batch_moment_terms(z[:c], z[c:], variant, pairing, pairings, ref)
                 m_loss = moment_objective(mterms, variant)
                 sums.update({k: float(v.detach()) for k, v in mterms.items()})
                 value += float(m_loss.detach())
