@@ -36,7 +36,7 @@
 #
 # * **anchored in scale**: a ratio can still be lowered by inflating a spread both classes share, and the
 #   optimiser did so (below), so every moment variant also pays `lambda_spread` x the mean over sites of
-#   $\log(\operatorname{tr}\Sigma_{pooled}/d)^2$, zero at the teacher's spread.
+#   $\log(\operatorname{tr}\Sigma_{pooled}/\operatorname{tr}\Sigma^{teacher}_{pooled})^2$ on the batch's prompts, zero for the teacher.
 #
 # The moment diagnostics (the total variance, its ratio to the teacher's, and the top eigenvalue of the
 # excess second moment on fixed prompts, before training and at every milestone) tell matching from
