@@ -96,3 +96,15 @@ def test_variant_key_moves_with_what_trains_its_weights(cfg):
     c3 = copy.deepcopy(cfg)
     c3["defense"]["train"]["lr"] = cfg["defense"]["train"]["lr"] * 2
     assert all(key(c3, n) != key(cfg, n) for n in ("defended", "kl_only"))
+
+
+def test_moments_entry_reads_the_term_its_floor_and_the_diagnostics():
+    hist = [{"step": s, "cov": 0.1 - 0.01 * s, "cov_null": (-1) ** s * 0.01} for s in range(8)]
+    diag = {"top_eig": 10.0, "total_var": 5.0, "cov": 0.09, "cov_null": 0.01, "sites": "pooled"}
+    rec = {"variant": {"lambda_cov": 100.0}, "history": hist,
+           "evals": [{"step": 0, "moments": dict(diag, spread=1.0)}, {"step": 8, "moments": dict(diag, cov=0.03, spread=1.02)}]}
+    e = R.moments_entry(rec)
+    assert e["term"] == "cov" and e["start"] == pytest.approx(0.095) and e["end"] == pytest.approx(0.035)
+    assert e["noise_floor"] == pytest.approx(0.01) and e["diag_before"] == 0.09 and e["diag_after"] == 0.03
+    assert e["spread_before"] == 1.0 and e["spread_after"] == 1.02
+    assert R.moments_entry({"variant": {}, "history": [{"step": 0, "lm": 1.0}], "evals": []}) is None

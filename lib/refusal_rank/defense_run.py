@@ -420,7 +420,8 @@ def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
     start and end of training (means of the first and last ``n`` logged steps), its noise floor (the
     spread of the same term on two halves of the harmless class over training), and the moment
     diagnostics on fixed prompts before training and at the last milestone (top eigenvalue of the excess
-    second moment, total variance). None for variants without a moment term."""
+    second moment, total variance, and the spread against the teacher's). None for variants without a
+    moment term."""
     import statistics
 
     v = record["variant"]
@@ -440,6 +441,8 @@ def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
         out.update({"top_eig_before": first["top_eig"], "top_eig_after": last["top_eig"],
                     "total_var_before": first["total_var"], "total_var_after": last["total_var"],
                     "diag_steps": [diags[0]["step"], diags[-1]["step"]], "sites": first["sites"]})
+        if "spread" in last:  # the spread against the teacher's on the same prompts (1: unchanged; runs since 6f4ce13)
+            out.update({"spread_before": first.get("spread"), "spread_after": last["spread"]})
         if key is not None:
             out.update({"diag_before": first[key], "diag_after": last[key], "diag_null_before": first[f"{key}_null"],
                         "diag_null_after": last[f"{key}_null"]})
