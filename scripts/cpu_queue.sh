@@ -4,8 +4,9 @@
 # after an interruption the same command picks up where it stopped; a finished stage is skipped in seconds.
 #
 #   1. every variant of [defense] run to 1x, each checkpoint measured (utility + attack screen) as it lands
-#   2. notebooks 01 and 02 (directions, the K=1 attack and its export), then the generation benchmark
-#      (benchmarks/bench_generation.py: it must run alone, and a queue stage is the one place it does)
+#   2. notebooks 01 and 02 (directions, the K=1 attack and its export), then the generation and training
+#      benchmarks (benchmarks/bench_generation.py, bench_training.py: they must run alone, and a queue stage is
+#      the one place they do)
 #   3. the audit reports (results/<profile>/audit/): the original, the K=1 export, the variants whose final
 #      checkpoint exists (those outside the budget curve)
 #   4. the budget curve: the budget_curve variants milestone by milestone to 8x, each measured
@@ -35,8 +36,9 @@ export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 stage() { echo "== stage $1 ($(date -u +%H:%M)): $2"; }
 if [ "$FROM" -le 1 ]; then stage 1 "every variant to 1x, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --until 1x --evaluate; fi
-if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02, generation benchmark"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02
-  "$PY" benchmarks/bench_generation.py --profile "$PROFILE"; fi
+if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02, generation and training benchmarks"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02
+  "$PY" benchmarks/bench_generation.py --profile "$PROFILE"
+  "$PY" benchmarks/bench_training.py --profile "$PROFILE"; fi
 # an audit's verdict is a result, not a failure of the queue: an unexpected one is reported and the queue goes on
 if [ "$FROM" -le 3 ]; then stage 3 "audit reports"; scripts/audit_cpu.sh --profile "$PROFILE" || echo "cpu_queue.sh: the audit stage stopped (exit $?): see results/$PROFILE/audit/; the queue goes on"; fi
 if [ "$FROM" -le 4 ]; then stage 4 "the budget curve, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --evaluate; fi
