@@ -120,9 +120,11 @@ pd.DataFrame({n: m for n, m in moments.items() if m}).T
 
 # %% [markdown]
 # `top_eig` is the top eigenvalue of the excess second moment of harmful over harmless on fixed prompts
-# (standardised units), `total_var` the mean per-site variance. Matching, not shrinking, reads as a falling
-# term and top eigenvalue at a total variance that stays put (a fall of the top eigenvalue by more than 2x
-# with the total variance falling alike is shrinkage).
+# (standardised units), `total_var` the mean per-site variance, `spread` the pooled total variance against the
+# teacher's on the same prompts (1: unchanged; the anchor holds it near 1). Matching, not shrinking or
+# inflating, reads as a falling term and top eigenvalue at a spread that stays near 1 (a fall of the top
+# eigenvalue by more than 2x with the spread falling alike is shrinkage; a term falling as the spread grows
+# is inflation).
 
 # %% [markdown]
 # ## 2 · Every checkpoint: utility and the attack screen
