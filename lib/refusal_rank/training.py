@@ -342,15 +342,23 @@ def micro_batches(h_idx: Sequence[int], o_idx: Sequence[int], h_len: Sequence[in
     return [(hs[j * ch:(j + 1) * ch], os_[j * co:(j + 1) * co]) for j in range(n_micro)]
 
 
+def _site_index(bundle: ModelBundle, variant: Variant, layers: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Indices into ``layers`` of the matched layers (below ``moment_depth``), and of the matched sites in the
+    teacher's per-site tensors (the same, or layer x post-instruction position for "positions")."""
+    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
+    if variant.moment_sites == "positions":
+        return m_idx, [i * bundle.n_post + p for i in m_idx for p in range(bundle.n_post)]
+    return m_idx, m_idx
+
+
 def moment_sites(bundle: ModelBundle, variant: Variant, teacher: TeacherCache, layers: Sequence[int]) -> tuple[list[int], Standardizer]:
     """The decoder layers whose representations a variant matches, and the fixed per-dimension
     standardiser of those sites (the teacher's; it only sets units: the terms themselves are scale-free)."""
-    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
-    n_post = bundle.n_post
+    m_idx, sites = _site_index(bundle, variant, layers)
     if variant.moment_sites == "positions":
         if teacher.position_standardizer is None:
             raise ValueError(f"variant {variant.name} matches moments per position: the teacher cache needs per_position=True")
-        rows = torch.tensor([i * n_post + p for i in m_idx for p in range(n_post)])
+        rows = torch.tensor(sites)
         std = Standardizer(teacher.position_standardizer.mean[rows], teacher.position_standardizer.std[rows])
     elif variant.moment_sites == "pooled":
         std = Standardizer(teacher.standardizer.mean[m_idx], teacher.standardizer.std[m_idx])
@@ -377,10 +385,7 @@ def teacher_site_vectors(bundle: ModelBundle, variant: Variant, teacher: Teacher
     mode = variant.moment_sites
     if mode not in teacher.vectors:
         raise ValueError(f"the teacher cache holds no {mode!r} site vectors: rebuild it (per_position for 'positions')")
-    m_idx = [i for i, l in enumerate(layers) if l < int(bundle.n_layers * variant.moment_depth)]
-    if mode == "positions":
-        m_idx = [i * bundle.n_post + p for i in m_idx for p in range(bundle.n_post)]
-    return std(teacher.vectors[mode][list(rows)][:, m_idx].float())
+    return std(teacher.vectors[mode][list(rows)][:, _site_index(bundle, variant, layers)[1]].float())
 
 
 def _site_vectors(saved: Sequence[torch.Tensor], mode: str, mask: torch.Tensor, std: Standardizer) -> torch.Tensor:
