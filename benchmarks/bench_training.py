@@ -8,8 +8,8 @@ LoRA r=16, the whole batch in one padded pass), "unshared" (the profile's ``[def
 ``[defense.train]``: its rank, length-sorted micro-batches of the profile's size, every row computed in
 full) and "after" (the same with ``share_prefix``: the template
 tokens every prompt starts with computed once a micro-batch). The micro-batched settings run today's
-two-phase moment terms (a forward pass without a graph over the batch, then the micro-batches with
-gradients); "before", one pass, computes them on its own graph.
+two-phase moment terms (a forward pass without a graph over every micro-batch but the first, then the
+micro-batches with gradients); "before", one pass, computes them on its own graph.
 It reports the rows' own tokens a second (as if each prompt ran alone: the unit of every training budget)
 and the FLOPs of the positions actually computed (4 x parameters a token for LoRA: forward plus the
 backward pass into the activations; 2 x for the moment terms' forward-only pass; padding included, a shared

@@ -12,9 +12,10 @@ Design:
   decoder-layer outputs for the moment terms, and run-time ablation for the ablation-aware term.
 * Moment terms are scale-free and unbiased (``defense``) and read the whole step's batch at the current
   weights. When the batch is cut into micro-batches, a step runs in two phases: a forward pass without a graph
-  gives every row's site vectors, the terms and their gradient with respect to those vectors; the
-  micro-batches then run with gradients and receive that gradient through their own vectors (the exact
-  gradient of the batch-level terms: tested against one pass over the whole batch). An earlier version read
+  gives the site vectors of every micro-batch but the first; the micro-batches then run with gradients, and
+  once the first has run (its vectors now known, at the same weights) the terms and their gradient with
+  respect to every row's vectors are computed, which each micro-batch receives through its own vectors (the
+  exact gradient of the batch-level terms: tested against one pass over the whole batch). An earlier version read
   each micro-batch beside a memory of older, detached vectors; the optimiser lowered that estimate by moving
   the current vectors away from the stale ones (measured on ``cpu``, notebook 03), so no stale vector enters
   a term now. Every step also logs the terms on two random halves of the harmless class (``*_null``).
@@ -520,6 +521,20 @@ def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts:
             int(enc["attention_mask"].numel()), enc)
 
 
+def _batch_term_gradient(parts: Sequence[torch.Tensor], n_harmful: Sequence[int], variant: Variant,
+                         generator: torch.Generator, pairings: int, ref) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The two-phase step's middle: the batch-level moment terms on every micro-batch's site vectors (``parts``,
+    detached, harmful rows first in each, ``n_harmful`` of them), and the gradient of their weighted sum with
+    respect to the harmful and harmless vectors. Returns (g_harmful, g_harmless, the terms and their weighted
+    sum as ``objective``, for the log)."""
+    z_h = torch.cat([z[:c] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
+    z_o = torch.cat([z[c:] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
+    mterms = batch_moment_terms(z_h, z_o, variant, generator, pairings, ref)
+    m_loss = moment_objective(mterms, variant)
+    g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
+    return g_h, g_o, {**{k: float(v.detach()) for k, v in mterms.items()}, "objective": float(m_loss.detach())}
+
+
 def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: Sequence[str], harmless: Sequence[str],
           teacher: TeacherCache, layers: Sequence[int], ckpt_path: Path,
           evaluate: Callable[[int], dict[str, Any]] | None = None, stop_after: int | None = None,
@@ -595,18 +610,12 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         if moments:  # the teacher's vectors of the same rows, in the same order (the spread anchor's reference)
             ref = (teacher_site_vectors(bundle, variant, teacher, layers, [i for mh, _ in mbs for i in mh], z_std),
                    teacher_site_vectors(bundle, variant, teacher, layers, [n_h + i for _, mo in mbs for i in mo], z_std))
-        if two_phase:  # phase 1: every row's site vectors at the current weights, the batch-level terms, their gradient
+        zs: list[tuple[torch.Tensor, int]] = []  # phase 1's (site vectors, positions computed) per micro-batch
+        if two_phase:  # phase 1: the site vectors of every micro-batch but the first at the current weights (the
+            # first's come from its own pass with gradients below, before anything is updated: the same weights)
             with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
-                zs = [fwd(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows, mb_texts)]
+                zs = [fwd(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows[1:], mb_texts[1:])]
             state.moment_tokens += sum(n for _, n in zs)
-            z_h = torch.cat([z[:len(mh)] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
-            z_o = torch.cat([z[len(mh):] for (z, _), (mh, _) in zip(zs, mbs)]).requires_grad_(True)
-            del zs
-            mterms = batch_moment_terms(z_h, z_o, variant, pairing, pairings, ref)
-            m_loss = moment_objective(mterms, variant)
-            g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
-            sums.update({k: float(v.detach()) for k, v in mterms.items()})
-            value += float(m_loss.detach())
         off_h = off_o = 0
         for (mh, mo), rows, texts, n_t in zip(mbs, mb_rows, mb_texts, n_targets):
             c = len(mh)
@@ -620,6 +629,12 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             loss = w_lm * variant.lambda_lm * terms["lm"] + w * variant.lambda_kd * terms["kd"]
             value += float(loss.detach())
             if two_phase:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
+                if g_h is None:  # the first micro-batch: every row's vectors are known now
+                    g_h, g_o, logged = _batch_term_gradient([z.detach()] + [v for v, _ in zs], [len(mh) for mh, _ in mbs],
+                                                            variant, pairing, pairings, ref)
+                    value += logged.pop("objective")
+                    sums.update(logged)
+                    zs = []
                 loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
                 off_h, off_o = off_h + c, off_o + len(mo)
             elif moments:  # the whole batch in this one pass

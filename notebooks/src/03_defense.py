@@ -26,10 +26,11 @@
 # * **unbiased**: every second-order quantity is a U-statistic over *distinct* prompts (the diagonal Gram
 #   terms, which carry each prompt's own variance, are dropped; covariances use differences of prompt pairs,
 #   so no class mean is estimated at all). Two samples of one distribution give 0 on average;
-# * **estimated from the whole step's batch at the current weights**: a step first runs its 16 + 16 prompts
-#   without a graph, computes the terms and their gradient with respect to the site vectors, then runs the
-#   micro-batches with gradients, each receiving that gradient through its own vectors (exact; one extra
-#   forward pass a step). Rows are shuffled before the covariance term pairs them, over `moment_pairings`
+# * **estimated from the whole step's batch at the current weights**: a step first runs every micro-batch
+#   of its 16 + 16 prompts but the first without a graph, then the micro-batches with gradients; once the
+#   first has run, the terms and their gradient with respect to every row's site vectors are computed, and
+#   each micro-batch receives that gradient through its own vectors (exact; three quarters of an extra
+#   forward pass a step with four micro-batches). Rows are shuffled before the covariance term pairs them, over `moment_pairings`
 #   random pairings;
 # * **watched against their noise floor**: every step logs the same term on two halves of the harmless
 #   class (figure 03_2).
