@@ -84,6 +84,30 @@ def test_shared_pass_equals_the_full_batch(tiny_cfg, shared_words, mode):
     assert any(float(x.abs().sum()) > 0 for x in g_b)
 
 
+def test_a_hidden_states_only_pass_stops_after_its_deepest_layer(tiny_cfg):
+    """``logits=False`` returns the same hidden states at the layers asked for, and the layers after the
+    deepest of them never run on the rows (the moment terms' pass without a graph skips them)."""
+    b, *_ = _setup(tiny_cfg)
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8], [1, 2, 3, 9, 10, 11, 12]]
+    dec = b.model.model.layers
+    deepest = len(dec) - 2
+    calls = []
+    h = dec[-1].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        with torch.no_grad():
+            full = shared_prefix_forward(b.model, rows, [0, deepest], 3, b.tokenizer.pad_token_id)
+            calls_full = list(calls)
+            calls.clear()
+            part = shared_prefix_forward(b.model, rows, [0, deepest], 3, b.tokenizer.pad_token_id, logits=False)
+    finally:
+        h.remove()
+    assert calls_full == [1, len(rows)]  # the last layer ran on the prefix and on the rows
+    assert calls == [1]  # only on the prefix (its keys and values), not on the rows
+    assert part.logits is None and full.logits is not None
+    for l in (0, deepest):
+        assert torch.equal(part.hidden[l][1], full.hidden[l][1]) and torch.equal(part.hidden[l][0], full.hidden[l][0])
+
+
 def test_tail_hidden_refuses_rows_too_short(tiny_cfg):
     b, *_ = _setup(tiny_cfg)
     rows = [[1, 2, 3, 4, 5], [1, 2, 3, 9]]

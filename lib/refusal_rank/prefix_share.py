@@ -46,7 +46,7 @@ class SharedPass:
     prefix_logits: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     lengths: torch.Tensor
     hidden: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,6 +58,10 @@ class SharedPass:
     def last(self) -> torch.Tensor:
         """Index in the suffix of each row's last prompt token: (B,)."""
         return self.lengths - self.n_prefix - 1
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a hidden-states-only pass after the deepest layer it needs."""
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -72,8 +76,9 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
                           n_prefix: int, pad_id: int, logits: bool = True) -> SharedPass:
     """Run ``rows`` (token ids, unpadded) through ``model`` with their first ``n_prefix`` tokens computed
     once. ``layers``: decoder layers whose outputs are kept (for the moment terms). Gradients flow.
-    ``logits=False``: only the last position's logits are computed (a pass that needs hidden states only
-    skips most of the vocabulary projection; the pass's LM loss and last logits are then meaningless)."""
+    ``logits=False`` (a pass that needs hidden states only): the rows' pass stops once the deepest of
+    ``layers`` has run, so no later layer and no vocabulary projection is computed; ``logits`` is then None
+    and ``prefix_logits`` holds the prefix's last position only."""
     from transformers import DynamicCache
 
     if n_prefix < 1 or any(list(r[:n_prefix]) != list(rows[0][:n_prefix]) for r in rows):
@@ -85,9 +90,14 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
     want = sorted(set(int(l) for l in layers))
     caught: dict[int, list[torch.Tensor]] = {l: [] for l in want}
 
+    stop = max(want) if (want and not logits) else None
+    stopping = [False]  # set for the rows' pass only: the prefix's keys and values are needed at every layer
+
     def hook(layer: int):
         def f(_mod, _inp, out):
             caught[layer].append(out[0] if isinstance(out, tuple) else out)
+            if stopping[0] and layer == stop:
+                raise _StopForward
         return f
 
     handles = [dec[l].register_forward_hook(hook(l)) for l in want]
@@ -107,13 +117,18 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
             ids[i, :len(suf)], mask[i, :len(suf)] = suf, 1
         attn = torch.cat([torch.ones((b, n_prefix), dtype=torch.long, device=device), mask], dim=1)
         pos = (n_prefix + torch.arange(s, device=device)).expand(b, -1)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, **keep)
+        stopping[0] = stop is not None
+        try:
+            out_logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                               use_cache=True, **keep).logits
+        except _StopForward:
+            out_logits = None
     finally:
         for h in handles:
             h.remove()
     hidden = {l: (caught[l][0][0], caught[l][1]) for l in want}
     lengths = torch.tensor([len(r) for r in rows], device=device)
-    return SharedPass(prefix, pre.logits[0], ids, mask, out.logits, lengths, hidden)
+    return SharedPass(prefix, pre.logits[0], ids, mask, out_logits, lengths, hidden)
 
 
 def shared_lm_loss(sp: SharedPass) -> torch.Tensor:

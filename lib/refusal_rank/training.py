@@ -497,7 +497,8 @@ def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts:
                       m_layers: Sequence[int], z_std: Standardizer, moments: bool, logits: bool = True):
     """One micro-batch's forward pass: (prompt LM loss, last-position logits (B, V), standardised site vectors
     (B, S, d) or None, positions computed, the padded encoding or None when the prefix was shared).
-    ``logits=False`` (the moment terms' pass without a graph): no vocabulary projection; LM loss and logits None."""
+    ``logits=False`` (the moment terms' pass without a graph): no vocabulary projection, and with a shared
+    prefix no layer after the deepest matched one; LM loss and logits None."""
     n_post = bundle.n_post
     n_pre = common_prefix_len(rows, keep=n_post + 1) if share else 0
     if n_pre:
