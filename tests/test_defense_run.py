@@ -108,3 +108,25 @@ def test_moments_entry_reads_the_term_its_floor_and_the_diagnostics():
     assert e["noise_floor"] == pytest.approx(0.01) and e["diag_before"] == 0.09 and e["diag_after"] == 0.03
     assert e["spread_before"] == 1.0 and e["spread_after"] == 1.02
     assert R.moments_entry({"variant": {}, "history": [{"step": 0, "lm": 1.0}], "evals": []}) is None
+
+
+def test_screen_walk_skips_the_k_above_a_break_and_never_changes_the_lowest_one():
+    """An estimator that breaks at K=4 of [1, 4, 16]: with stop_after_break, 16 is skipped (not measured),
+    without it every K is measured; the lowest K below the threshold is 4 either way. A measure that has no
+    K-th direction (None) ends the walk."""
+    rates = {1: 0.9, 4: 0.1, 16: 0.5}  # non-monotone on purpose: a skipped K cannot lower the lowest break
+    calls: list[int] = []
+
+    def measure(k):
+        calls.append(k)
+        return {"refusal_rate_harmful": {"rate": rates[k]}}
+
+    out, skipped = R.screen_walk([16, 1, 4], measure, 0.3, True)
+    assert calls == [1, 4] and list(out) == ["1", "4"] and skipped == [16]
+    calls.clear()
+    out_all, skipped_all = R.screen_walk([1, 4, 16], measure, 0.3, False)
+    assert calls == [1, 4, 16] and skipped_all == []
+    lowest = lambda o: min(int(k) for k, r in o.items() if r["refusal_rate_harmful"]["rate"] < 0.3)
+    assert lowest(out) == lowest(out_all) == 4
+    out_none, skipped_none = R.screen_walk([1, 4, 16], lambda k: None if k > 1 else measure(k), 0.3, True)
+    assert list(out_none) == ["1"] and skipped_none == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -339,7 +339,8 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     generated, marker-judged harmful refusal rate on the sweep's test prompts:
     the re-selected K=1 attack (notebook 01's procedure), the first rounds of the paper's iterated
     attacker, and dim-svd at a few K. The lowest K among them whose rate is below the sweep's threshold
-    is the screen's K_break (None: none broke within the screen)."""
+    is the screen's K_break (None: none broke within the screen). With ``stop_after_break`` an estimator's
+    K above one that broke are skipped (``k_skipped``), not generated."""
     import math
 
     from . import sweep_run as S
@@ -356,25 +357,51 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     prompts = S.sweep_test_set(cfg)
     out: dict[str, Any] = {"k1_reselected": reselected_k1(cfg, bundle, sets)}
     ctx = S.attack_context(cfg, bundle)
-    it = S.iterated_basis(ctx, sc["iterated_rounds"])
-    out["iterated"] = {}
-    for k in range(1, it.basis.shape[1] + 1):
-        r = S.evaluate_k(cfg, bundle, it.basis[:, :k], prompts, math.inf)
-        out["iterated"][str(k)] = {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
-    basis = S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"]
-    out["dim-svd"] = {}
-    for k in sc["dim_svd_ks"]:
-        if k <= basis.shape[1]:
-            r = S.evaluate_k(cfg, bundle, basis[:, :k], prompts, math.inf)
-            out["dim-svd"][str(k)] = {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
+    stop = bool(sc.get("stop_after_break", False))
+
+    def at_k(U: torch.Tensor) -> dict[str, Any]:
+        r = S.evaluate_k(cfg, bundle, U, prompts, math.inf)
+        return {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
+
+    def iterated_k(k: int) -> dict[str, Any] | None:  # the paper's attacker, extended one round at a time
+        it = S.iterated_basis(ctx, k)
+        return at_k(it.basis[:, :k]) if it.basis.shape[1] >= k else None  # None: it stopped before round k
+
+    dim_basis: list[torch.Tensor] = []
+
+    def dim_k(k: int) -> dict[str, Any] | None:
+        if not dim_basis:
+            dim_basis.append(S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"])
+        return at_k(dim_basis[0][:, :k]) if k <= dim_basis[0].shape[1] else None
+
+    out["k_skipped"] = {}
+    for name, ks, fn in (("iterated", range(1, sc["iterated_rounds"] + 1), iterated_k), ("dim-svd", sc["dim_svd_ks"], dim_k)):
+        out[name], out["k_skipped"][name] = screen_walk(ks, fn, thr, stop)
     broke = [int(k) for name in ("iterated", "dim-svd") for k, r in out[name].items() if r["refusal_rate_harmful"]["rate"] < thr]
     k1 = out["k1_reselected"]["refusal_rate_harmful"]
     k1_rate = k1.get("rate") if "rate" in k1 else (k1.get("all") or {}).get("rate")
     if k1_rate is not None and k1_rate < thr:
         broke.append(1)
     out["k_break"] = min(broke) if broke else None
-    out["k_screened"] = sorted({1, *map(int, out["iterated"]), *map(int, out["dim-svd"])})
+    out["k_screened"] = sorted({1, *map(int, out["iterated"]), *map(int, out["dim-svd"])})  # measured, not skipped
     return out
+
+
+def screen_walk(ks: Sequence[int], measure, threshold: float, stop_after_break: bool) -> tuple[dict[str, Any], list[int]]:
+    """One estimator's K of the attack screen, in increasing order: ``measure(k)`` gives ``{"refusal_rate_harmful":
+    {"rate": ...}, ...}`` or None (the estimator has no K-th direction: the walk ends). With ``stop_after_break``
+    the K after the first one whose rate is below ``threshold`` are not measured (the screen reads the lowest K
+    that breaks; a K above it costs a generation pass and cannot lower it) and are returned as skipped."""
+    out: dict[str, Any] = {}
+    ks = sorted(int(k) for k in ks)
+    for i, k in enumerate(ks):
+        r = measure(k)
+        if r is None:
+            break
+        out[str(k)] = r
+        if stop_after_break and r["refusal_rate_harmful"]["rate"] < threshold:
+            return out, ks[i + 1:]
+    return out, []
 
 
 def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmless: list[dict[str, Any]],

@@ -132,7 +132,9 @@ pd.DataFrame({n: m for n, m in moments.items() if m}).T
 # Each variant at each milestone it reached, on the test sets against the original: refusal rates (harmful,
 # harmless, over-refusal), first-token KL and CE on the original's harmless completions; and the attack
 # screen (`[defense.screen]`) on the checkpoint's own weights: the re-selected K = 1 attack, the first rounds
-# of the paper's iterated attacker and dim-svd at a few K, each a generated harmful refusal rate.
+# of the paper's iterated attacker and dim-svd at a few K, each a generated harmful refusal rate. With
+# `stop_after_break` an estimator's K above one that already broke the model are not generated (listed under
+# `k_skipped`): the screen reads the lowest K that breaks, which they cannot lower.
 
 # %%
 base = load_model(cfg)
