@@ -367,12 +367,10 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
         it = S.iterated_basis(ctx, k)
         return at_k(it.basis[:, :k]) if it.basis.shape[1] >= k else None  # None: it stopped before round k
 
-    dim_basis: list[torch.Tensor] = []
+    dim_basis = S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"]
 
     def dim_k(k: int) -> dict[str, Any] | None:
-        if not dim_basis:
-            dim_basis.append(S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"])
-        return at_k(dim_basis[0][:, :k]) if k <= dim_basis[0].shape[1] else None
+        return at_k(dim_basis[:, :k]) if k <= dim_basis.shape[1] else None
 
     out["k_skipped"] = {}
     for name, ks, fn in (("iterated", range(1, sc["iterated_rounds"] + 1), iterated_k), ("dim-svd", sc["dim_svd_ks"], dim_k)):

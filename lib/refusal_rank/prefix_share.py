@@ -90,15 +90,13 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
     want = sorted(set(int(l) for l in layers))
     caught: dict[int, list[torch.Tensor]] = {l: [] for l in want}
 
-    stop = max(want) if (want and not logits) else None
-    stopping = [False]  # set for the rows' pass only: the prefix's keys and values are needed at every layer
-
     def hook(layer: int):
         def f(_mod, _inp, out):
             caught[layer].append(out[0] if isinstance(out, tuple) else out)
-            if stopping[0] and layer == stop:
-                raise _StopForward
         return f
+
+    def stop(_mod, _inp, _out):
+        raise _StopForward
 
     handles = [dec[l].register_forward_hook(hook(l)) for l in want]
     try:
@@ -117,7 +115,9 @@ def shared_prefix_forward(model: torch.nn.Module, rows: Sequence[Sequence[int]],
             ids[i, :len(suf)], mask[i, :len(suf)] = suf, 1
         attn = torch.cat([torch.ones((b, n_prefix), dtype=torch.long, device=device), mask], dim=1)
         pos = (n_prefix + torch.arange(s, device=device)).expand(b, -1)
-        stopping[0] = stop is not None
+        if want and not logits:  # the rows' pass only (the prefix's keys and values are needed at every layer):
+            # after the hook above has caught the deepest layer's output, end the pass there
+            handles.append(dec[want[-1]].register_forward_hook(stop))
         try:
             out_logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                                use_cache=True, **keep).logits

@@ -523,17 +523,18 @@ def _micro_batch_pass(bundle: ModelBundle, rows: Sequence[Sequence[int]], texts:
 
 
 def _batch_term_gradient(parts: Sequence[torch.Tensor], n_harmful: Sequence[int], variant: Variant,
-                         generator: torch.Generator, pairings: int, ref) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                         generator: torch.Generator, pairings: int,
+                         ref) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], float]:
     """The two-phase step's middle: the batch-level moment terms on every micro-batch's site vectors (``parts``,
     detached, harmful rows first in each, ``n_harmful`` of them), and the gradient of their weighted sum with
     respect to the harmful and harmless vectors. Returns (g_harmful, g_harmless, the terms and their weighted
-    sum as ``objective``, for the log)."""
+    sum, for the log)."""
     z_h = torch.cat([z[:c] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
     z_o = torch.cat([z[c:] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
     mterms = batch_moment_terms(z_h, z_o, variant, generator, pairings, ref)
     m_loss = moment_objective(mterms, variant)
     g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
-    return g_h, g_o, {**{k: float(v.detach()) for k, v in mterms.items()}, "objective": float(m_loss.detach())}
+    return g_h, g_o, {k: float(v.detach()) for k, v in mterms.items()}, float(m_loss.detach())
 
 
 def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: Sequence[str], harmless: Sequence[str],
@@ -631,9 +632,10 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
             value += float(loss.detach())
             if two_phase:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
                 if g_h is None:  # the first micro-batch: every row's vectors are known now
-                    g_h, g_o, logged = _batch_term_gradient([z.detach()] + [v for v, _ in zs], [len(mh) for mh, _ in mbs],
-                                                            variant, pairing, pairings, ref)
-                    value += logged.pop("objective")
+                    g_h, g_o, logged, m_value = _batch_term_gradient([z.detach()] + [v for v, _ in zs],
+                                                                     [len(mh) for mh, _ in mbs], variant, pairing,
+                                                                     pairings, ref)
+                    value += m_value
                     sums.update(logged)
                     zs = []
                 loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
