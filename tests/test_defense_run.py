@@ -130,3 +130,58 @@ def test_screen_walk_skips_the_k_above_a_break_and_never_changes_the_lowest_one(
     assert lowest(out) == lowest(out_all) == 4
     out_none, skipped_none = R.screen_walk([1, 4, 16], lambda k: None if k > 1 else measure(k), 0.3, True)
     assert list(out_none) == ["1"] and skipped_none == []
+    # a lower break elsewhere in the screen (another estimator, or the re-selected K=1 attack) bounds this walk:
+    # K at or above it are skipped, never measured; without stop_after_break the bound is ignored
+    calls.clear()
+    out_b, skipped_b = R.screen_walk([1, 4, 16], measure, 0.3, True, below=4)
+    assert calls == [1] and list(out_b) == ["1"] and skipped_b == [4, 16]
+    calls.clear()
+    out_1, skipped_1 = R.screen_walk([1, 4, 16], measure, 0.3, True, below=1)
+    assert calls == [] and out_1 == {} and skipped_1 == [1, 4, 16]
+    calls.clear()
+    assert R.screen_walk([1, 4, 16], measure, 0.3, False, below=1)[1] == [] and calls == [1, 4, 16]
+
+
+def test_a_screen_whose_k1_attack_broke_the_model_generates_nothing_more(tiny_cfg, monkeypatch):
+    """K_break cannot go below 1: once the re-selected K=1 attack breaks the model, with stop_after_break the
+    screen neither builds the attacker's activations nor generates any other K; without it every K is run.
+    A screen whose K=1 attack holds walks each estimator, and dim-svd stops at the lowest K iterated broke."""
+    from refusal_rank import pipeline, sweep_run as S
+
+    class Basis:
+        basis = torch.eye(4)
+
+    calls: list[int] = []
+    rates = {1: 0.9, 2: 0.1}  # iterated breaks at K=2 when K=1 holds; dim-svd never would
+
+    def evaluate_k(cfg, bundle, U, prompts, limit):
+        calls.append(U.shape[1])
+        return {"refusal_rate_harmful": {"rate": rates.get(U.shape[1], 0.9)}, "mean_score": 0.0}
+
+    monkeypatch.setattr(S, "sweep_test_set", lambda cfg: [])
+    monkeypatch.setattr(S, "iterated_basis", lambda ctx, k: Basis)
+    monkeypatch.setattr(S, "estimator_basis", lambda ctx, est, k: {"basis": torch.eye(4)})
+    monkeypatch.setattr(S, "evaluate_k", evaluate_k)
+    cfg = {**tiny_cfg, "defense": {**tiny_cfg["defense"], "screen": {**tiny_cfg["defense"]["screen"],
+                                                                      "stop_after_break": True, "iterated_rounds": 2,
+                                                                      "dim_svd_ks": [1, 2, 4]}}}
+
+    def no_context(*a, **k):
+        raise AssertionError("the attacker's activations were built for a screen that needed none")
+
+    monkeypatch.setattr(pipeline, "reselected_k1", lambda cfg, b, s: {"refusal_rate_harmful": {"rate": 0.0}})
+    monkeypatch.setattr(S, "attack_context", no_context)
+    out = R.attack_screen(cfg, None, None)
+    assert calls == [] and out["k_break"] == 1 and out["k_screened"] == [1]
+    assert out["k_skipped"] == {"iterated": [1, 2], "dim-svd": [1, 2, 4]}
+
+    monkeypatch.setattr(S, "attack_context", lambda cfg, b: object())
+    monkeypatch.setattr(pipeline, "reselected_k1", lambda cfg, b, s: {"refusal_rate_harmful": {"rate": 0.9}})
+    out = R.attack_screen(cfg, None, None)
+    assert calls == [1, 2, 1] and out["k_break"] == 2 and out["k_skipped"] == {"iterated": [], "dim-svd": [2, 4]}
+
+    calls.clear()
+    off = {**cfg, "defense": {**cfg["defense"], "screen": {**cfg["defense"]["screen"], "stop_after_break": False}}}
+    monkeypatch.setattr(pipeline, "reselected_k1", lambda cfg, b, s: {"refusal_rate_harmful": {"rate": 0.0}})
+    out = R.attack_screen(off, None, None)
+    assert calls == [1, 2, 1, 2, 4] and out["k_break"] == 1 and out["k_screened"] == [1, 2, 4]

@@ -339,8 +339,9 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     generated, marker-judged harmful refusal rate on the sweep's test prompts:
     the re-selected K=1 attack (notebook 01's procedure), the first rounds of the paper's iterated
     attacker, and dim-svd at a few K. The lowest K among them whose rate is below the sweep's threshold
-    is the screen's K_break (None: none broke within the screen). With ``stop_after_break`` an estimator's
-    K above one that broke are skipped (``k_skipped``), not generated."""
+    is the screen's K_break (None: none broke within the screen). With ``stop_after_break`` a K at or above
+    the lowest K that already broke (in any estimator, the re-selected K=1 attack first) is skipped
+    (``k_skipped``), not generated: it cannot lower the screen's K_break."""
     import math
 
     from . import sweep_run as S
@@ -356,43 +357,54 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     cfg["sweep"]["iterated_layer_stride"] = sc.get("iterated_layer_stride", cfg["sweep"]["iterated_layer_stride"])
     prompts = S.sweep_test_set(cfg)
     out: dict[str, Any] = {"k1_reselected": reselected_k1(cfg, bundle, sets)}
-    ctx = S.attack_context(cfg, bundle)
     stop = bool(sc.get("stop_after_break", False))
+    lazy: dict[str, Any] = {}  # the attacker's activations and the dim-svd basis, built on first use: a screen
+
+    def ctx() -> S.AttackContext:  # whose K=1 attack already broke the model skips every other K and needs neither
+        if "ctx" not in lazy:
+            lazy["ctx"] = S.attack_context(cfg, bundle)
+        return lazy["ctx"]
 
     def at_k(U: torch.Tensor) -> dict[str, Any]:
         r = S.evaluate_k(cfg, bundle, U, prompts, math.inf)
         return {"refusal_rate_harmful": r["refusal_rate_harmful"], "mean_score": r["mean_score"]}
 
     def iterated_k(k: int) -> dict[str, Any] | None:  # the paper's attacker, extended one round at a time
-        it = S.iterated_basis(ctx, k)
+        it = S.iterated_basis(ctx(), k)
         return at_k(it.basis[:, :k]) if it.basis.shape[1] >= k else None  # None: it stopped before round k
 
-    dim_basis = S.estimator_basis(ctx, "dim-svd", max(sc["dim_svd_ks"]))["basis"]
+    # the screen's K_break is the lowest K that broke in any estimator: with stop_after_break a K at or above
+    # the lowest break found so far (the re-selected K=1 attack's included) cannot lower it and is skipped
+    k1 = out["k1_reselected"]["refusal_rate_harmful"]
+    k1_rate = k1.get("rate") if "rate" in k1 else (k1.get("all") or {}).get("rate")
+    broke = [1] if k1_rate is not None and k1_rate < thr else []
 
     def dim_k(k: int) -> dict[str, Any] | None:
-        return at_k(dim_basis[:, :k]) if k <= dim_basis.shape[1] else None
+        if "dim" not in lazy:
+            lazy["dim"] = S.estimator_basis(ctx(), "dim-svd", max(sc["dim_svd_ks"]))["basis"]
+        return at_k(lazy["dim"][:, :k]) if k <= lazy["dim"].shape[1] else None
 
     out["k_skipped"] = {}
     for name, ks, fn in (("iterated", range(1, sc["iterated_rounds"] + 1), iterated_k), ("dim-svd", sc["dim_svd_ks"], dim_k)):
-        out[name], out["k_skipped"][name] = screen_walk(ks, fn, thr, stop)
-    broke = [int(k) for name in ("iterated", "dim-svd") for k, r in out[name].items() if r["refusal_rate_harmful"]["rate"] < thr]
-    k1 = out["k1_reselected"]["refusal_rate_harmful"]
-    k1_rate = k1.get("rate") if "rate" in k1 else (k1.get("all") or {}).get("rate")
-    if k1_rate is not None and k1_rate < thr:
-        broke.append(1)
+        out[name], out["k_skipped"][name] = screen_walk(ks, fn, thr, stop, min(broke, default=None))
+        broke += [int(k) for k, r in out[name].items() if r["refusal_rate_harmful"]["rate"] < thr]
     out["k_break"] = min(broke) if broke else None
     out["k_screened"] = sorted({1, *map(int, out["iterated"]), *map(int, out["dim-svd"])})  # measured, not skipped
     return out
 
 
-def screen_walk(ks: Sequence[int], measure, threshold: float, stop_after_break: bool) -> tuple[dict[str, Any], list[int]]:
+def screen_walk(ks: Sequence[int], measure, threshold: float, stop_after_break: bool,
+                below: int | None = None) -> tuple[dict[str, Any], list[int]]:
     """One estimator's K of the attack screen, in increasing order: ``measure(k)`` gives ``{"refusal_rate_harmful":
     {"rate": ...}, ...}`` or None (the estimator has no K-th direction: the walk ends). With ``stop_after_break``
-    the K after the first one whose rate is below ``threshold`` are not measured (the screen reads the lowest K
-    that breaks; a K above it costs a generation pass and cannot lower it) and are returned as skipped."""
+    the K after the first one whose rate is below ``threshold`` are not measured, nor any K at or above
+    ``below`` (the lowest K another part of the same screen already broke): the screen reads the lowest K that
+    breaks, and a K that cannot lower it costs a generation pass for nothing. Those K are returned as skipped."""
     out: dict[str, Any] = {}
     ks = sorted(int(k) for k in ks)
     for i, k in enumerate(ks):
+        if stop_after_break and below is not None and k >= below:
+            return out, ks[i:]
         r = measure(k)
         if r is None:
             break

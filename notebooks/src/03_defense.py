@@ -133,8 +133,10 @@ pd.DataFrame({n: m for n, m in moments.items() if m}).T
 # harmless, over-refusal), first-token KL and CE on the original's harmless completions; and the attack
 # screen (`[defense.screen]`) on the checkpoint's own weights: the re-selected K = 1 attack, the first rounds
 # of the paper's iterated attacker and dim-svd at a few K, each a generated harmful refusal rate. With
-# `stop_after_break` an estimator's K above one that already broke the model are not generated (listed under
-# `k_skipped`): the screen reads the lowest K that breaks, which they cannot lower.
+# `stop_after_break` a K at or above the lowest K that already broke the model (in any estimator, the
+# re-selected K = 1 attack first) is not generated (listed under `k_skipped`): the screen reads the lowest K
+# that breaks, which such a K cannot lower. A checkpoint that the K = 1 attack breaks is screened at K = 1
+# only; notebook 04 attacks the final checkpoints with every estimator.
 
 # %%
 base = load_model(cfg)
