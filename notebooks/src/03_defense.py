@@ -52,6 +52,12 @@
 # K = 1 attacker reads); `ablation_aware` (KD also under a random rank-$k \le k_{max}$ ablation of the current
 # top singular directions of all per-layer difference-in-means vectors).
 #
+# One property of the objective decides what to expect. $\mathcal L_{cov}$ is unchanged when one class's
+# activations are shifted by a constant vector: it compares the classes' spreads about their own means, so it
+# puts no pressure on $\mu_h-\mu_o$, the difference in means that the K = 1 attacker reads. Under `defended`
+# that direction can weaken only as a side effect; the variants that match means (`paper_mean`,
+# `mean_matched`) are the ones that act on it directly.
+#
 # **Budget.** The base budget (1x) is the first milestone of `[defense.train]`; the budget-curve variants
 # train on to the last (8x on `cpu`: the paper profile's 141 x 128 prompt passes). The rate warms up and then
 # stays constant, so each snapshot is a model trained at one rate for that many passes. Long runs happen
