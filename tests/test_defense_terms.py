@@ -244,3 +244,14 @@ def test_spread_against_the_teachers_own_rows_is_zero_for_the_teacher_and_log_c_
     assert spread_log_ratio(th, to, (th, to)).abs().max().item() < 1e-6  # exact on the batch, whatever d says
     assert spread_log_ratio(th, to).mean().item() < -1.0  # against d the same batch reads far below 0
     assert spread_log_ratio(3 * th, 3 * to, (th, to)).mean().item() == pytest.approx(2 * math.log(3), abs=1e-5)
+
+
+def test_cov_term_is_blind_to_a_shift_of_one_class_mean_which_the_mean_term_sees():
+    """Why `defended` does not act on the difference-in-means direction: moving every harmful vector by one
+    constant vector (a pure mean gap, the K=1 attacker's signal) leaves the covariance term exactly as it was,
+    while the mean term grows far above its value before the shift."""
+    g = torch.Generator().manual_seed(3)
+    h, o = torch.randn(16, 2, 32, generator=g, dtype=torch.float64), torch.randn(16, 2, 32, generator=g, dtype=torch.float64)
+    shift = 3.0 * torch.randn(32, generator=g, dtype=torch.float64)
+    assert float(cov_matching_loss(h + shift, o)) == pytest.approx(float(cov_matching_loss(h, o)), rel=1e-5)  # float32 inside
+    assert float(mean_matching_loss(h + shift, o)) > 0.5 > abs(float(mean_matching_loss(h, o))) * 10
