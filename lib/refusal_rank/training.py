@@ -537,6 +537,133 @@ def _batch_term_gradient(parts: Sequence[torch.Tensor], n_harmful: Sequence[int]
     return g_h, g_o, {k: float(v.detach()) for k, v in mterms.items()}, float(m_loss.detach())
 
 
+@dataclass
+class _StepContext:
+    """What every training step of one run reads and nothing in it changes: the model, the variant, the
+    prompts (harmful first, then harmless, as ``teacher.logits`` indexes them) as texts and unpadded token
+    rows, and the moment terms' sites."""
+    bundle: ModelBundle
+    variant: Variant
+    teacher: TeacherCache
+    layers: Sequence[int]
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    all_rows: list[list[int]]
+    per_class: int
+    n_micro: int
+    share: bool
+    m_layers: Sequence[int]
+    z_std: Standardizer
+    pairings: int
+
+    @property
+    def n_h(self) -> int:
+        return len(self.harmful)
+
+    @property
+    def moments(self) -> bool:
+        return bool(self.variant.lambda_cov or self.variant.lambda_mean)
+
+    def forward(self, rows, texts, logits: bool = True):
+        return _micro_batch_pass(self.bundle, rows, texts, self.share, self.variant.moment_sites, self.m_layers,
+                                 self.z_std, self.moments, logits)
+
+
+def _ablated_kd(ctx: _StepContext, basis: torch.Tensor, k_abl: int, texts: Sequence[str], enc, c: int,
+                t_logits: torch.Tensor) -> torch.Tensor:
+    """The ablation-aware term of one micro-batch of ``c`` + ``c`` rows: KD on the first ``a`` rows of each class
+    run with the top ``k_abl`` directions of the current attack subspace ablated at every layer (nnsight)."""
+    v = ctx.variant
+    a = max(1, min(c, (v.abl_per_class or ctx.per_class) // ctx.n_micro))
+    keep = list(range(a)) + list(range(c, c + a))
+    enc2 = enc if (a == c and enc is not None) else encode(ctx.bundle, [texts[i] for i in keep])
+    saved: list[Any] = []
+    with ctx.bundle.lm.trace(enc2, logits_to_keep=1):
+        run_interventions(ctx.bundle.lm, Ablation(basis[:, :k_abl]), ctx.bundle.n_layers)
+        saved.append(ctx.bundle.lm.lm_head.output[:, -1, :].save())
+    return kd_loss(saved[0], t_logits[keep], v.temperature)
+
+
+def _accumulate_step(ctx: _StepContext, step: int, seed: int, basis: torch.Tensor | None, k_abl: int,
+                     state: TrainState) -> tuple[float, dict[str, float]]:
+    """One step's forward and backward passes over its micro-batches, gradients accumulated into the
+    parameters (the optimiser step is the caller's); returns (the step's loss, its logged terms) and counts
+    the tokens computed into ``state``. See the module docstring for the two phases of the moment terms."""
+    v, n_h, per_class = ctx.variant, ctx.n_h, ctx.per_class
+    lengths = [len(r) for r in ctx.all_rows]
+    hi, oi = batch_indices(step, seed, n_h, len(ctx.harmless), per_class)
+    sums: dict[str, float] = {}
+    value = 0.0
+    mbs = micro_batches(hi, oi, lengths[:n_h], lengths[n_h:], ctx.n_micro)
+    mb_rows = [[ctx.all_rows[i] for i in mh] + [ctx.all_rows[n_h + i] for i in mo] for mh, mo in mbs]
+    mb_texts = [[ctx.harmful[i] for i in mh] + [ctx.harmless[i] for i in mo] for mh, mo in mbs]
+    n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
+    g_h = g_o = None
+    # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
+    pairing = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
+    two_phase = ctx.moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
+    ref = None
+    if ctx.moments:  # the teacher's vectors of the same rows, in the same order (the spread anchor's reference)
+        ref = (teacher_site_vectors(ctx.bundle, v, ctx.teacher, ctx.layers, [i for mh, _ in mbs for i in mh], ctx.z_std),
+               teacher_site_vectors(ctx.bundle, v, ctx.teacher, ctx.layers, [n_h + i for _, mo in mbs for i in mo], ctx.z_std))
+    zs: list[tuple[torch.Tensor, int]] = []  # phase 1's (site vectors, positions computed) per micro-batch
+    if two_phase:  # phase 1: the site vectors of every micro-batch but the first at the current weights (the
+        # first's come from its own pass with gradients below, before anything is updated: the same weights)
+        with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
+            zs = [ctx.forward(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows[1:], mb_texts[1:])]
+        state.moment_tokens += sum(n for _, n in zs)
+    off_h = off_o = 0
+    for (mh, mo), rows, texts, n_t in zip(mbs, mb_rows, mb_texts, n_targets):
+        c = len(mh)
+        w = c / per_class  # this micro-batch's share of the batch's rows (KD)
+        w_lm = n_t / sum(n_targets)  # and of its LM targets: the accumulated LM loss is the whole batch's mean
+        t_logits = torch.cat([ctx.teacher.logits[mh], ctx.teacher.logits[[n_h + i for i in mo]]]).float().to(ctx.bundle.device)
+        terms: dict[str, torch.Tensor] = {}
+        terms["lm"], last, z, n_computed, enc = ctx.forward(rows, texts)
+        terms["kd"] = kd_loss(last, t_logits, v.temperature)
+        state.computed_tokens += n_computed
+        loss = w_lm * v.lambda_lm * terms["lm"] + w * v.lambda_kd * terms["kd"]
+        value += float(loss.detach())
+        if two_phase:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
+            if g_h is None:  # the first micro-batch: every row's vectors are known now
+                g_h, g_o, logged, m_value = _batch_term_gradient([z.detach()] + [zv for zv, _ in zs],
+                                                                 [len(mh) for mh, _ in mbs], v, pairing,
+                                                                 ctx.pairings, ref)
+                value += m_value
+                sums.update(logged)
+                zs = []
+            loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
+            off_h, off_o = off_h + c, off_o + len(mo)
+        elif ctx.moments:  # the whole batch in this one pass
+            mterms = batch_moment_terms(z[:c], z[c:], v, pairing, ctx.pairings, ref)
+            m_loss = moment_objective(mterms, v)
+            sums.update({k: float(t.detach()) for k, t in mterms.items()})
+            value += float(m_loss.detach())
+            loss = loss + m_loss
+        loss.backward()
+        if v.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
+            terms["abl"] = _ablated_kd(ctx, basis, k_abl, texts, enc, c, t_logits)
+            (w * v.lambda_abl * terms["abl"]).backward()
+            value += w * v.lambda_abl * float(terms["abl"].detach())
+        for k, t in terms.items():  # the per-micro-batch terms; the moment terms were logged once above
+            sums[k] = sums.get(k, 0.0) + (w_lm if k == "lm" else w) * float(t.detach())
+        state.tokens += sum(len(r) for r in rows)
+        state.padded_tokens += len(rows) * max(len(r) for r in rows)
+    return value, sums
+
+
+def _check_loss(name: str, step: int, value: float, sums: dict[str, float], first_loss: float | None,
+                diverge_factor: float, last: str) -> float:
+    """Stop on a non-finite loss or one above ``diverge_factor`` x the first step's; returns the step's
+    non-negative terms (LM, KD, ablation-aware KD), the yardstick of explosion: the unbiased moment terms
+    are bounded ratios that may be negative on a draw, so the total loss is none."""
+    positive = sum(v for k, v in sums.items() if k in ("lm", "kd", "abl"))
+    if not math.isfinite(value) or (first_loss is not None and positive > diverge_factor * max(first_loss, 1e-3)):
+        raise TrainingDiverged(f"{name}: loss {value:.4g} at step {step} (first {first_loss}); training stopped. "
+                               f"{last}: lower defense.train.lr and rerun.")
+    return positive
+
+
 def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: Sequence[str], harmless: Sequence[str],
           teacher: TeacherCache, layers: Sequence[int], ckpt_path: Path,
           evaluate: Callable[[int], dict[str, Any]] | None = None, stop_after: int | None = None,
@@ -563,19 +690,14 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
     end = min(steps, stop_at) if stop_at is not None else steps
     milestones = milestone_steps(tcfg)
     n_micro = int(tcfg.get("micro_batches", 1))
-    lm = bundle.lm
     n_h = len(harmful)
     first_loss = (sum(state.history[0].get(k, 0.0) for k in ("lm", "kd", "abl")) if state.history else None)
     abl_layers = list(range(int(bundle.n_layers * (1 - tcfg.get("drop_last_frac", 0.2)))))
     m_layers, z_std = moment_sites(bundle, variant, teacher, layers)
-    mode = variant.moment_sites
-    moments = bool(variant.lambda_cov or variant.lambda_mean)
-    pairings = int(tcfg.get("moment_pairings", 1))
     # token ids exactly as ``encode`` makes them, unpadded: lengths for the micro-batches, rows for prefix sharing
-    all_rows = token_rows(bundle, list(harmful) + list(harmless))
-    lengths = [len(r) for r in all_rows]
-    share = bool(tcfg.get("share_prefix", False))
-    h_len, o_len = lengths[:n_h], lengths[n_h:]
+    ctx = _StepContext(bundle, variant, teacher, layers, harmful, harmless, token_rows(bundle, list(harmful) + list(harmless)),
+                       per_class, n_micro, bool(tcfg.get("share_prefix", False)), m_layers, z_std,
+                       int(tcfg.get("moment_pairings", 1)))
     diag_n = int(tcfg.get("diag_prompts", 0))
     diag_rows = (list(range(min(diag_n, n_h))), [n_h + i for i in range(min(diag_n, len(harmless)))])
     diag = (lambda: moment_diagnostics(bundle, variant, teacher, layers, harmful[:diag_n], harmless[:diag_n],
@@ -589,88 +711,17 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
-        hi, oi = batch_indices(step, tcfg["seed"], n_h, len(harmless), per_class)
-        sums: dict[str, float] = {}
-        value = 0.0
+        k_abl = 0
         if variant.lambda_abl:
             if basis is None or step % variant.refresh_every == 0:
                 sub_h = [harmful[i] for i in range(min(n_h, tcfg["subspace_prompts"]))]
                 sub_o = [harmless[i] for i in range(min(len(harmless), tcfg["subspace_prompts"]))]
                 basis = attack_subspace(bundle, sub_h, sub_o, variant.k_max, abl_layers, tcfg["batch_per_class"] * 2)
             k_abl = random.Random(f"{tcfg['seed']}-k-{step}").randint(1, basis.shape[1])
-        mbs = micro_batches(hi, oi, h_len, o_len, n_micro)
-        mb_rows = [[all_rows[i] for i in mh] + [all_rows[n_h + i] for i in mo] for mh, mo in mbs]
-        mb_texts = [[harmful[i] for i in mh] + [harmless[i] for i in mo] for mh, mo in mbs]
-        n_targets = [sum(len(r) - 1 for r in rows) for rows in mb_rows]  # next-token targets of each micro-batch
-        fwd = lambda rows, texts, logits=True: _micro_batch_pass(bundle, rows, texts, share, mode, m_layers, z_std,
-                                                                  moments, logits)
-        g_h = g_o = None
-        # the covariance term's pairings, drawn from (seed, step): a resumed run draws the same
-        pairing = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
-        two_phase = moments and len(mbs) > 1  # one micro-batch: the terms are computed on its own graph
-        ref = None
-        if moments:  # the teacher's vectors of the same rows, in the same order (the spread anchor's reference)
-            ref = (teacher_site_vectors(bundle, variant, teacher, layers, [i for mh, _ in mbs for i in mh], z_std),
-                   teacher_site_vectors(bundle, variant, teacher, layers, [n_h + i for _, mo in mbs for i in mo], z_std))
-        zs: list[tuple[torch.Tensor, int]] = []  # phase 1's (site vectors, positions computed) per micro-batch
-        if two_phase:  # phase 1: the site vectors of every micro-batch but the first at the current weights (the
-            # first's come from its own pass with gradients below, before anything is updated: the same weights)
-            with torch.no_grad():  # keep each pass's site vectors and position count only (not its logits)
-                zs = [fwd(rows, texts, logits=False)[2:4] for rows, texts in zip(mb_rows[1:], mb_texts[1:])]
-            state.moment_tokens += sum(n for _, n in zs)
-        off_h = off_o = 0
-        for (mh, mo), rows, texts, n_t in zip(mbs, mb_rows, mb_texts, n_targets):
-            c = len(mh)
-            w = c / per_class  # this micro-batch's share of the batch's rows (KD)
-            w_lm = n_t / sum(n_targets)  # and of its LM targets: the accumulated LM loss is the whole batch's mean
-            t_logits = torch.cat([teacher.logits[mh], teacher.logits[[n_h + i for i in mo]]]).float().to(bundle.device)
-            terms: dict[str, torch.Tensor] = {}
-            terms["lm"], last, z, n_computed, enc = fwd(rows, texts)
-            terms["kd"] = kd_loss(last, t_logits, variant.temperature)
-            state.computed_tokens += n_computed
-            loss = w_lm * variant.lambda_lm * terms["lm"] + w * variant.lambda_kd * terms["kd"]
-            value += float(loss.detach())
-            if two_phase:  # phase 2: the batch-level terms' gradient, reaching the weights through these rows' vectors
-                if g_h is None:  # the first micro-batch: every row's vectors are known now
-                    g_h, g_o, logged, m_value = _batch_term_gradient([z.detach()] + [v for v, _ in zs],
-                                                                     [len(mh) for mh, _ in mbs], variant, pairing,
-                                                                     pairings, ref)
-                    value += m_value
-                    sums.update(logged)
-                    zs = []
-                loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
-                off_h, off_o = off_h + c, off_o + len(mo)
-            elif moments:  # the whole batch in this one pass
-                mterms = batch_moment_terms(z[:c], z[c:], variant, pairing, pairings, ref)
-                m_loss = moment_objective(mterms, variant)
-                sums.update({k: float(v.detach()) for k, v in mterms.items()})
-                value += float(m_loss.detach())
-                loss = loss + m_loss
-            loss.backward()
-            if variant.lambda_abl:  # KD again with the current attack subspace ablated, on the first a of each class
-                a = max(1, min(c, (variant.abl_per_class or per_class) // n_micro))
-                keep = list(range(a)) + list(range(c, c + a))
-                enc2 = enc if (a == c and enc is not None) else encode(bundle, [texts[i] for i in keep])
-                saved2: list[Any] = []
-                with lm.trace(enc2, logits_to_keep=1):
-                    run_interventions(lm, Ablation(basis[:, :k_abl]), bundle.n_layers)
-                    saved2.append(lm.lm_head.output[:, -1, :].save())
-                terms["abl"] = kd_loss(saved2[0], t_logits[keep], variant.temperature)
-                (w * variant.lambda_abl * terms["abl"]).backward()
-                value += w * variant.lambda_abl * float(terms["abl"].detach())
-            for k, v in terms.items():  # the per-micro-batch terms; the moment terms were logged once above
-                sums[k] = sums.get(k, 0.0) + (w_lm if k == "lm" else w) * float(v.detach())
-            state.tokens += sum(len(r) for r in rows)
-            state.padded_tokens += len(rows) * max(len(r) for r in rows)
-        # explosion is judged on the non-negative terms (LM, KD, ablation-aware KD): the unbiased moment terms
-        # are bounded ratios that may be negative on a draw, so the total loss is no yardstick
-        positive = sum(v for k, v in sums.items() if k in ("lm", "kd", "abl"))
+        value, sums = _accumulate_step(ctx, step, tcfg["seed"], basis, k_abl, state)
         last = (f"The last checkpoint is {ckpt_path} at step {saved_step}" if saved_step is not None else
                 f"No last checkpoint was saved (a rerun starts from step 0)")
-        if not math.isfinite(value) or (first_loss is not None and positive > tcfg["diverge_factor"] * max(first_loss, 1e-3)):
-            raise TrainingDiverged(
-                f"{variant.name}: loss {value:.4g} at step {step} (first {first_loss}); training stopped. "
-                f"{last}: lower defense.train.lr and rerun.")
+        positive = _check_loss(variant.name, step, value, sums, first_loss, tcfg["diverge_factor"], last)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"]))
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(
