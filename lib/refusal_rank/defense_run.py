@@ -342,6 +342,7 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     is the screen's K_break (None: none broke within the screen). With ``stop_after_break`` a K at or above
     the lowest K that already broke (in any estimator, the re-selected K=1 attack first) is skipped
     (``k_skipped``), not generated: it cannot lower the screen's K_break."""
+    import functools
     import math
 
     from . import sweep_run as S
@@ -358,12 +359,10 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
     prompts = S.sweep_test_set(cfg)
     out: dict[str, Any] = {"k1_reselected": reselected_k1(cfg, bundle, sets)}
     stop = bool(sc.get("stop_after_break", False))
-    lazy: dict[str, Any] = {}  # the attacker's activations and the dim-svd basis, built on first use: a screen
-
-    def ctx() -> S.AttackContext:  # whose K=1 attack already broke the model skips every other K and needs neither
-        if "ctx" not in lazy:
-            lazy["ctx"] = S.attack_context(cfg, bundle)
-        return lazy["ctx"]
+    # the attacker's activations and the dim-svd basis, built on first use: a screen whose K=1 attack already
+    # broke the model skips every other K and needs neither
+    ctx = functools.cache(lambda: S.attack_context(cfg, bundle))
+    dim_basis = functools.cache(lambda: S.estimator_basis(ctx(), "dim-svd", max(sc["dim_svd_ks"]))["basis"])
 
     def at_k(U: torch.Tensor) -> dict[str, Any]:
         r = S.evaluate_k(cfg, bundle, U, prompts, math.inf)
@@ -373,17 +372,14 @@ def attack_screen(cfg: dict[str, Any], bundle: ModelBundle, sets) -> dict[str, A
         it = S.iterated_basis(ctx(), k)
         return at_k(it.basis[:, :k]) if it.basis.shape[1] >= k else None  # None: it stopped before round k
 
+    def dim_k(k: int) -> dict[str, Any] | None:
+        return at_k(dim_basis()[:, :k]) if k <= dim_basis().shape[1] else None
+
     # the screen's K_break is the lowest K that broke in any estimator: with stop_after_break a K at or above
     # the lowest break found so far (the re-selected K=1 attack's included) cannot lower it and is skipped
     k1 = out["k1_reselected"]["refusal_rate_harmful"]
     k1_rate = k1.get("rate") if "rate" in k1 else (k1.get("all") or {}).get("rate")
     broke = [1] if k1_rate is not None and k1_rate < thr else []
-
-    def dim_k(k: int) -> dict[str, Any] | None:
-        if "dim" not in lazy:
-            lazy["dim"] = S.estimator_basis(ctx(), "dim-svd", max(sc["dim_svd_ks"]))["basis"]
-        return at_k(lazy["dim"][:, :k]) if k <= lazy["dim"].shape[1] else None
-
     out["k_skipped"] = {}
     for name, ks, fn in (("iterated", range(1, sc["iterated_rounds"] + 1), iterated_k), ("dim-svd", sc["dim_svd_ks"], dim_k)):
         out[name], out["k_skipped"][name] = screen_walk(ks, fn, thr, stop, min(broke, default=None))

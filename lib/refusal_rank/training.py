@@ -32,6 +32,7 @@ Design:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -531,10 +532,16 @@ def _batch_term_gradient(parts: Sequence[torch.Tensor], n_harmful: Sequence[int]
     sum, for the log)."""
     z_h = torch.cat([z[:c] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
     z_o = torch.cat([z[c:] for z, c in zip(parts, n_harmful)]).requires_grad_(True)
-    mterms = batch_moment_terms(z_h, z_o, variant, generator, pairings, ref)
-    m_loss = moment_objective(mterms, variant)
+    m_loss, logged = _moment_loss(z_h, z_o, variant, generator, pairings, ref)
     g_h, g_o = torch.autograd.grad(m_loss, [z_h, z_o])
-    return g_h, g_o, {k: float(v.detach()) for k, v in mterms.items()}, float(m_loss.detach())
+    return g_h, g_o, logged, float(m_loss.detach())
+
+
+def _moment_loss(z_h: torch.Tensor, z_o: torch.Tensor, variant: Variant, generator: torch.Generator, pairings: int,
+                 ref) -> tuple[torch.Tensor, dict[str, float]]:
+    """A step's weighted moment terms on the whole batch's site vectors, and every term (floors included) for the log."""
+    mterms = batch_moment_terms(z_h, z_o, variant, generator, pairings, ref)
+    return moment_objective(mterms, variant), {k: float(v.detach()) for k, v in mterms.items()}
 
 
 @dataclass
@@ -555,6 +562,10 @@ class _StepContext:
     m_layers: Sequence[int]
     z_std: Standardizer
     pairings: int
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:  # each prompt's token count, for the length-sorted micro-batches
+        return [len(r) for r in self.all_rows]
 
     @property
     def n_h(self) -> int:
@@ -589,8 +600,7 @@ def _accumulate_step(ctx: _StepContext, step: int, seed: int, basis: torch.Tenso
     """One step's forward and backward passes over its micro-batches, gradients accumulated into the
     parameters (the optimiser step is the caller's); returns (the step's loss, its logged terms) and counts
     the tokens computed into ``state``. See the module docstring for the two phases of the moment terms."""
-    v, n_h, per_class = ctx.variant, ctx.n_h, ctx.per_class
-    lengths = [len(r) for r in ctx.all_rows]
+    v, n_h, per_class, lengths = ctx.variant, ctx.n_h, ctx.per_class, ctx.lengths
     hi, oi = batch_indices(step, seed, n_h, len(ctx.harmless), per_class)
     sums: dict[str, float] = {}
     value = 0.0
@@ -635,9 +645,8 @@ def _accumulate_step(ctx: _StepContext, step: int, seed: int, basis: torch.Tenso
             loss = loss + (z[:c] * g_h[off_h:off_h + c]).sum() + (z[c:] * g_o[off_o:off_o + len(mo)]).sum()
             off_h, off_o = off_h + c, off_o + len(mo)
         elif ctx.moments:  # the whole batch in this one pass
-            mterms = batch_moment_terms(z[:c], z[c:], v, pairing, ctx.pairings, ref)
-            m_loss = moment_objective(mterms, v)
-            sums.update({k: float(t.detach()) for k, t in mterms.items()})
+            m_loss, logged = _moment_loss(z[:c], z[c:], v, pairing, ctx.pairings, ref)
+            sums.update(logged)
             value += float(m_loss.detach())
             loss = loss + m_loss
         loss.backward()
