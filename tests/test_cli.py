@@ -25,7 +25,7 @@ def test_help_lists_every_subcommand(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for sub in ("run", "figures", "report", "train-variant", "audit"):
+    for sub in ("run", "figures", "report", "train-variant", "progress", "audit"):
         assert sub in out
 
 
@@ -41,6 +41,22 @@ def test_report_prints_the_headline(capsys):
 def test_train_variant_rejects_an_unknown_variant(capsys):
     assert cli.main(["train-variant", "--profile", "tiny", "--variant", "nope"]) == 2
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+
+
+def test_progress_of_an_empty_cache_lists_every_variant_and_writes_its_file(tmp_path, monkeypatch, capsys):
+    import json
+
+    from refusal_rank.config import RESULTS_ENV, load_config
+
+    monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "results"))
+    assert cli.main(["progress", "--profile", "tiny", "--write"]) == 0
+    out = capsys.readouterr().out
+    names = load_config("tiny")["defense"]["run"]
+    assert all(f"{n}: milestones trained none" in out for n in names)
+    doc = json.loads((tmp_path / "results" / "tiny" / "queue_progress.json").read_text())
+    assert list(doc["variants"]) == names and doc["profile"] == "tiny"
+    assert cli.main(["progress", "--profile", "nope"]) == 2
 
 
 def test_audit_without_its_module_says_so(monkeypatch, capsys):

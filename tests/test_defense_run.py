@@ -82,6 +82,37 @@ def test_checkpoint_eval_is_cached_by_snapshot_and_config(cfg, monkeypatch):
         R.checkpoint_eval(cfg, "defended", 1, sets, [], torch.zeros(1), log=quiet)
 
 
+def test_queue_progress_reads_what_was_measured_and_never_touches_the_cache(cfg, monkeypatch):
+    """The progress report loads no model: a trained checkpoint is 'unmeasured' until checkpoint_eval has
+    cached it, then carries notebook 03's entry with the snapshot's hash; a cache file it cannot verify (a
+    queue between writing a sidecar and its file) is reported as unmeasured and left where it is."""
+    from refusal_rank import pipeline as P
+
+    sets = P.test_sets(cfg)
+    R.train_variant(cfg, "kl_only", until=1, log=lambda *_: None)
+    monkeypatch.setattr(R, "load_variant", lambda *a: pytest.fail("progress must not load a model"))
+    p0 = R.queue_progress(cfg, sets, ["kl_only", "defended"])
+    assert p0["kl_only"]["milestones"] == [1] and p0["kl_only"]["unmeasured"] == [1] and p0["kl_only"]["budget"] == {}
+    assert p0["kl_only"]["training"]["steps"] == 1 and "term" not in p0["kl_only"]["moments"]  # diagnostics, no term
+    assert p0["defended"] == {"dir": R.variant_dir(cfg, "defended").name, "target_step": 4, "milestones": [],
+                              "budget": {}, "unmeasured": []}
+    monkeypatch.setattr(R, "load_variant", lambda *a: object())
+    monkeypatch.setattr(P, "evaluate_model", lambda *a, **k: {"refusal_rate_harmful": {"rate": 0.25}, "completions": {"x": []}})
+    monkeypatch.setattr(R, "attack_screen", lambda *a, **k: {"k1_reselected": {"r": 0}, "k_break": 1})
+    R.checkpoint_eval(cfg, "kl_only", 1, sets, [], torch.zeros(1), log=lambda *_: None)
+    e = R.queue_progress(cfg, sets, ["kl_only"])["kl_only"]
+    assert e["unmeasured"] == [] and set(e["budget"]) == {"1x"}
+    b = e["budget"]["1x"]
+    assert b["refusal_rate_harmful"] == {"rate": 0.25} and b["screen"]["k_break"] == 1 and "completions" not in b
+    assert b["snapshot_sha256"] == R.snapshot_digest(R.snapshot_path(R.variant_dir(cfg, "kl_only") / "ckpt.pt", 1))
+    path = R.checkpoint_eval_path(cfg, "kl_only", 1, sets)
+    assert b["eval_file"] == path.name
+    side = path.with_name(path.name + ".sha256")
+    side.write_text("0" * 64)  # unverifiable now
+    assert R.queue_progress(cfg, sets, ["kl_only"])["kl_only"]["unmeasured"] == [1]
+    assert path.is_file() and side.is_file()  # left for the queue, which owns it
+
+
 def test_variant_key_moves_with_what_trains_its_weights(cfg):
     """A moment knob changes the key of a variant with moment terms only; a shared knob changes every key."""
     import copy

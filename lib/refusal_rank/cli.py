@@ -4,6 +4,7 @@
     refusal-rank figures [--profile P]                                           redraw every figure from results/P/
     refusal-rank report [--profile P] [--write-readme] [--headline]              the README's generated blocks
     refusal-rank train-variant --variant NAME | --plan [--until 2x] [--profile P]  defense variants, resumable
+    refusal-rank progress [--profile P] [--write]                                what the queue has trained and measured
     refusal-rank audit ...                                                       the audit (refusal_rank.audit)
 
 ``run`` hands over to ``run_all.sh`` (it installs what a profile needs, skips finished notebooks and names
@@ -171,6 +172,47 @@ def _checkpoint_measurer(cfg):
     return measure
 
 
+def cmd_progress(a: argparse.Namespace) -> int:
+    """The background queue's progress from the caches alone (no model): each variant's milestones and the
+    headline numbers of every checkpoint already measured; ``--write`` keeps them in
+    ``results/<profile>/queue_progress.json`` so that measurements finished in one session can be committed
+    before notebook 03 gathers them all."""
+    import json
+
+    from . import defense_run as R
+    from . import pipeline as P
+    from .config import ProfileError, load_config
+    from .results import git_commit
+
+    try:
+        cfg = load_config(a.profile)
+    except ProfileError as e:
+        print(e, file=sys.stderr)
+        return 2
+    progress = R.queue_progress(cfg, P.test_sets(cfg))
+    for name, v in progress.items():
+        done = ", ".join(f"{R.budget_label(cfg, m)}" for m in v["milestones"]) or "none"
+        print(f"{name}: milestones trained {done} (target {R.budget_label(cfg, v['target_step'])})"
+              + (f"; not yet measured: {', '.join(R.budget_label(cfg, m) for m in v['unmeasured'])}" if v["unmeasured"] else ""))
+        for label, e in v["budget"].items():
+            rate = lambda k: (e.get(k) or {}).get("rate")
+            print(f"  {label}: harmful {rate('refusal_rate_harmful')}, harmless {rate('refusal_rate_harmless')}, "
+                  f"over-refusal {rate('overrefusal_rate')}, KL {(e.get('kl_harmless') or {}).get('mean')}, "
+                  f"CE {e.get('ce_harmless')}, K=1 re-selected {e['screen']['k1_reselected']['refusal_rate_harmful']['rate']}, "
+                  f"screen K_break {e['screen']['k_break']}")
+    if a.write:
+        from .config import results_dir
+
+        out = results_dir(cfg["profile"]) / "queue_progress.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"profile": cfg["profile"], "read_at_commit": git_commit(),
+               "note": "read from the run cache by `refusal-rank progress --write`; notebook 03 gathers the same "
+                       "entries into summary.json", "variants": progress}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_audit(argv: Sequence[str]) -> int:
     try:
         from . import audit
@@ -215,6 +257,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true",
                    help="after each milestone, notebook 03's utility and attack screen of that checkpoint (cached)")
     p.set_defaults(fn=cmd_train_variant)
+
+    p = sub.add_parser("progress", help="what the background queue has trained and measured (caches only, no model)")
+    _profile_arg(p)
+    p.add_argument("--write", action="store_true", help="also write results/<profile>/queue_progress.json")
+    p.set_defaults(fn=cmd_progress)
 
     sub.add_parser("audit", help="the audit; its own options follow (refusal-rank audit --help)", add_help=False)
     return ap

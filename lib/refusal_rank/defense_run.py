@@ -420,16 +420,12 @@ def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmle
     read, so the background queue (``train-variant --plan --evaluate``) can measure each checkpoint as soon
     as it is trained, one model job at a time, and the notebook reuses the result instead of recomputing it
     (about half an hour a checkpoint on 2 CPU cores)."""
-    from .pipeline import CACHE_VERSION, cached_value, evaluate_model, prompt_key
+    from .pipeline import cached_value, evaluate_model
 
-    vdir = variant_dir(cfg, name)
-    snap = snapshot_path(vdir / "ckpt.pt", step)
-    digest = snapshot_digest(snap)
-    if digest is None:
-        raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in {vdir}: train it first.")
-    key = cache_key(f"v{CACHE_VERSION}", digest, cfg["seed"],
-                    config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
-                    {k: prompt_key(v) for k, v in sets.items()})
+    path = checkpoint_eval_path(cfg, name, step, sets)
+    if path is None:
+        raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in "
+                                f"{variant_dir(cfg, name)}: train it first.")
 
     def compute() -> dict[str, Any]:
         model = load_variant(cfg, name, step)
@@ -438,7 +434,58 @@ def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmle
         res["attack_k1"] = screen["k1_reselected"]
         return {"res": res, "screen": screen}
 
-    return cached_value(vdir / f"eval-{step:05d}-{key}.pt", compute, log)
+    return cached_value(path, compute, log)
+
+
+def checkpoint_eval_path(cfg: dict[str, Any], name: str, step: int, sets) -> Path | None:
+    """Where :func:`checkpoint_eval` keeps one checkpoint's measurements (whether or not they exist yet), or
+    None when the variant has no verified snapshot at that step. The key holds the snapshot's sha256 and
+    every config section the measurements read, so a file found here measured exactly this checkpoint under
+    exactly this config."""
+    from .pipeline import CACHE_VERSION, prompt_key
+
+    vdir = variant_dir(cfg, name)
+    digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step))
+    if digest is None:
+        return None
+    key = cache_key(f"v{CACHE_VERSION}", digest, cfg["seed"],
+                    config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
+                    {k: prompt_key(v) for k, v in sets.items()})
+    return vdir / f"eval-{step:05d}-{key}.pt"
+
+
+def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """What the background queue has trained and measured so far, read from the caches alone (no model is
+    loaded): per variant, the milestones whose snapshot exists, ``training`` and ``moments`` from its
+    training record (once one exists), and ``budget``: notebook 03's entry for every checkpoint already
+    measured, with the snapshot's sha256 and the measurement's file name, the two hops back to the weights
+    and the cache. Checkpoints trained but not yet measured are listed under ``unmeasured``. Notebook 03
+    computes the same entries from the same caches; this lets a many-session queue commit its finished
+    measurements as they land."""
+    from .pipeline import load_cached, MISSING
+
+    out: dict[str, Any] = {}
+    for name in names or default_variants(cfg):
+        vdir = variant_dir(cfg, name)
+        entry: dict[str, Any] = {"dir": vdir.name, "target_step": target_step(cfg, name),
+                                 "milestones": reached_milestones(cfg, name), "budget": {}, "unmeasured": []}
+        record_path = vdir / "record.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            entry["training"] = training_entry(record, record.get("peak_gflops"), record.get("flops_per_token"))
+            entry["moments"] = moments_entry(record)
+        for step in entry["milestones"]:
+            path = checkpoint_eval_path(cfg, name, step, sets)
+            ev = MISSING if path is None else load_cached(path, lambda *_: None, remove_bad=False)
+            if ev is MISSING:
+                entry["unmeasured"].append(step)
+                continue
+            e = budget_entry(cfg, step, {k: v for k, v in ev["res"].items() if k != "completions"}, ev["screen"])
+            e["snapshot_sha256"] = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step))
+            e["eval_file"] = path.name
+            entry["budget"][budget_label(cfg, step)] = e
+        out[name] = entry
+    return out
 
 
 def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: dict[str, Any] | None) -> dict[str, Any]:

@@ -74,10 +74,12 @@ def _sha256(path: Path) -> str:
 MISSING = object()
 
 
-def load_cached(path: Path, log=print) -> Any:
+def load_cached(path: Path, log=print, remove_bad: bool = True) -> Any:
     """The value saved at ``path`` if its sha256 matches its ``.sha256`` sidecar, else ``MISSING``.
     A file whose sidecar is missing or does not match, or that cannot be read, is reported and removed
-    (rebuilt by the caller): it is never trusted, nor given a sidecar that would certify it."""
+    (rebuilt by the caller): it is never trusted, nor given a sidecar that would certify it. A reader that
+    only looks (``remove_bad=False``: a progress report beside a running queue, which may be between
+    writing a sidecar and its file) leaves such a file alone."""
     side = path.with_name(path.name + ".sha256")
     if not path.is_file():
         return MISSING
@@ -90,6 +92,8 @@ def load_cached(path: Path, log=print) -> Any:
             return torch.load(path, weights_only=False)
         except Exception:  # noqa: BLE001 - verified yet unreadable: written by another version
             log(f"cache file {path.name} is unreadable: rebuilding it")
+    if not remove_bad:
+        return MISSING
     path.unlink()
     side.unlink(missing_ok=True)
     return MISSING
