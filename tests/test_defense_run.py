@@ -113,6 +113,51 @@ def test_queue_progress_reads_what_was_measured_and_never_touches_the_cache(cfg,
     assert path.is_file() and side.is_file()  # left for the queue, which owns it
 
 
+def test_screen_k1_completions_are_read_back_without_a_model(cfg, tiny):
+    """The screen's K=1 attacked completions of a checkpoint, found from the caches alone, are exactly those
+    the screen generated (the marker rate it recorded is checked inside); before the checkpoint is measured
+    the reader says so instead of computing anything."""
+    import copy
+
+    from refusal_rank import pipeline as P
+
+    c = copy.deepcopy(cfg)
+    c["defense"]["screen"]["stop_after_break"] = True  # the K=1 attack only: all this test reads
+    R.train_variant(c, "kl_only", until=1, log=lambda *_: None)
+    sets = P.test_sets(c)
+    with pytest.raises(FileNotFoundError, match="no cached measurement"):
+        R.screen_k1_completions(c, "kl_only", 1, sets)
+    base_lp = P.logprobs_cached(c, tiny, sets.harmless, desc="base harmless")
+    base = P.evaluate_model(c, tiny, sets, None, None, "original")
+    ev = R.checkpoint_eval(c, "kl_only", 1, sets, base["completions"]["harmless"], base_lp, log=lambda *_: None)
+    got = R.screen_k1_completions(c, "kl_only", 1, sets)
+    assert len(got) == len(sets.harmful)
+    # the same completions as a fresh K=1 attack on the loaded checkpoint reads from the generation cache
+    model = R.load_variant(c, "kl_only", 1)
+    sel, _ = P.discover_direction(c, model, P.filtered_train_val(c, model))
+    assert (sel.layer, sel.position) == (ev["screen"]["k1_reselected"]["direction"]["layer"],
+                                         ev["screen"]["k1_reselected"]["direction"]["position"])
+    from refusal_rank.ablation import orthogonalized
+
+    with orthogonalized(model, sel.unit[:, None]):
+        path = P.completions_path(c, model, sets.harmful)
+    assert path.is_file() and P.read_completions(path, len(sets.harmful)) == got
+    # tools/judge_sample.py draws from both: the screen's attacked completions, and the checkpoint's own
+    # (a trained variant's stand-in carries the name load_variant gives it)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("judge_sample", Path(__file__).resolve().parents[1] / "tools" / "judge_sample.py")
+    js = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(js)
+    rows = js.from_screen(c, 3, ["kl_only@1"])
+    assert [r["model"] for r in rows] == ["kl_only@1x attacked"] * 3 and len({r["id"] for r in rows}) == 3
+    assert all(r["completion"] == got[[p.id for p in sets.harmful].index(r["prompt_id"])]["text"] for r in rows)
+    c["defense"]["budget_curve"] = []  # kl_only's target is then step 1, the checkpoint measured above
+    own = P.completions_path(c, js.stand_in(c, "kl_only", None), sets.harmless)
+    assert own == P.completions_path(c, model, sets.harmless) and own.is_file()
+
+
 def test_variant_key_moves_with_what_trains_its_weights(cfg):
     """A moment knob changes the key of a variant with moment terms only; a shared knob changes every key."""
     import copy

@@ -3,6 +3,7 @@
     python tools/judge_sample.py --profile cpu --out /tmp/judge_sample.jsonl [--models original,k1_ablated]
     python tools/judge_sample.py --profile cpu --out /tmp/defended.jsonl --models defended --per 40,30,10
     python tools/judge_sample.py --profile cpu --out /tmp/attacked.jsonl --from-sweep 40 [--models defended,kl_only]
+    python tools/judge_sample.py --profile cpu --out /tmp/screen.jsonl --from-screen defended@70,paper_mean@70 --n 50
 
 Reads the completions of notebook 02 (original and K=1-ablated) or of a trained variant of notebook 03
 from the generation cache by re-deriving their cache keys (no model is loaded: it fails clearly if the
@@ -14,6 +15,8 @@ labeller is blind to the markers.
 ``--from-sweep N`` instead draws N completions per attacked model (its rows are named "<model> attacked",
 with the attack beside them) from notebook 04's pool: the full 256-token completions at every K_break
 (``sweep_run.write_judge_pool``); ``--models`` then selects attacked models by name (default: all but base).
+``--from-screen variant@step,...`` draws ``--n`` harmful completions of each checkpoint under notebook 03's attack
+screen (its re-selected K=1 attack), named "<variant>@<Nx> attacked".
 """
 from __future__ import annotations
 
@@ -34,13 +37,13 @@ PER = {"harmful": 60, "harmless": 40, "overrefusal": 20}
 
 def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
     """The name and weight-edit tag under which each model's completions were cached (no model is loaded)."""
-    from refusal_rank.defense_run import variant_dir
+    from refusal_rank.defense_run import target_step, variant_model_name
 
     if model == "original":
         return SimpleNamespace(name=cfg["model"]["name"], edit="")
     if model == "k1_ablated":
         return SimpleNamespace(name=cfg["model"]["name"], edit=edit_tag(u))
-    return SimpleNamespace(name=f"{model}-{variant_dir(cfg, model).name}", edit="")
+    return SimpleNamespace(name=variant_model_name(cfg, model, target_step(cfg, model)), edit="")
 
 
 def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict]:
@@ -73,6 +76,28 @@ def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict
     return out
 
 
+def from_screen(cfg: dict, per_model: int, checkpoints: list[str]) -> list[dict]:
+    """A seeded sample of ``per_model`` harmful-test completions of each checkpoint (``variant@step``, e.g.
+    ``defended@70``) under the attack screen's re-selected K=1 attack, read from the caches
+    (``defense_run.screen_k1_completions``); rows are named "<variant>@<Nx> attacked"."""
+    from refusal_rank import defense_run as R
+
+    sets = P.test_sets(cfg)
+    out = []
+    for spec in checkpoints:
+        name, _, step = spec.partition("@")
+        if not step.isdigit():
+            raise SystemExit(f"--from-screen takes variant@step (e.g. defended@70), not {spec!r}")
+        comps = R.screen_k1_completions(cfg, name, int(step), sets)
+        model = f"{name}@{R.budget_label(cfg, int(step))} attacked"
+        idx = list(range(len(comps)))
+        random.Random(f"judge-screen-{spec}").shuffle(idx)
+        out += [{"id": f"{model}:{sets.harmful[i].id}", "model": model, "set": "harmful", "attack": "k1_reselected",
+                 "prompt_id": sets.harmful[i].id, "prompt": sets.harmful[i].text, "completion": comps[i]["text"]}
+                for i in idx[:per_model]]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
@@ -80,10 +105,14 @@ def main() -> None:
     ap.add_argument("--models", default="original,k1_ablated", help="original, k1_ablated and/or trained variant names")
     ap.add_argument("--per", default=None, help="rows per set, harmful,harmless,overrefusal (default 60,40,20)")
     ap.add_argument("--from-sweep", type=int, default=0, help="completions per attacked model from notebook 04's pool")
+    ap.add_argument("--from-screen", default=None, metavar="VARIANT@STEP,...",
+                    help="harmful completions of these checkpoints under the screen's re-selected K=1 attack")
+    ap.add_argument("--n", type=int, default=50, help="rows per checkpoint with --from-screen")
     a = ap.parse_args()
     cfg = load_config(a.profile)
-    if a.from_sweep:
-        rows = from_sweep(cfg, a.from_sweep, None if a.models == ap.get_default("models") else a.models.split(","))
+    if a.from_sweep or a.from_screen:
+        rows = (from_sweep(cfg, a.from_sweep, None if a.models == ap.get_default("models") else a.models.split(","))
+                if a.from_sweep else from_screen(cfg, a.n, a.from_screen.split(",")))
         with open(a.out, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"wrote {len(rows)} rows to {a.out}")

@@ -242,6 +242,15 @@ def _trainable(cfg: dict[str, Any], bundle: ModelBundle):
     raise ValueError(f"defense.method must be 'lora' or 'full', not {dc['method']!r}")
 
 
+def variant_model_name(cfg: dict[str, Any], name: str, step: int) -> str:
+    """A variant's model name at a milestone, which keys every cache of what that model computes. The
+    snapshot's digest is part of it: a variant retrained under the same folder is a new model, never one
+    whose completions are reused."""
+    vdir = variant_dir(cfg, name)
+    digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step)) or "unverified"
+    return f"{vdir.name}@{step}:{digest[:12]}"
+
+
 def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> ModelBundle:
     """The original model with a variant's trainable weights at milestone ``step`` (default: the variant's
     target), merged: a plain model that every notebook reads like the original."""
@@ -252,10 +261,7 @@ def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> Mod
         raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {vdir}: train it first "
                                 f"(notebook 03, or tools/train_variant.py --variant {name}).")
     check_prompt_texts(cfg, name, vdir)
-    # the snapshot's digest is part of the model's name, which keys every cache of what it computes: a variant
-    # retrained under the same folder is a new model, never one whose completions are reused
-    digest = snapshot_digest(snap) or "unverified"
-    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=f"{vdir.name}@{step}:{digest[:12]}")
+    bundle = bundle_from_pretrained(checkpoint_dir(cfg), cfg, name=variant_model_name(cfg, name, step))
     peft_model = _trainable(cfg, bundle)
     load_snapshot(snap, bundle.model)  # the adapted modules, named as train() saved them (checked against the digest)
     model = peft_model.merge_and_unload() if peft_model is not None else bundle.model
@@ -452,6 +458,53 @@ def checkpoint_eval_path(cfg: dict[str, Any], name: str, step: int, sets) -> Pat
                     config_hash(cfg, "model", "data", "directions", "eval", "sweep"), cfg["defense"]["screen"],
                     {k: prompt_key(v) for k, v in sets.items()})
     return vdir / f"eval-{step:05d}-{key}.pt"
+
+
+class _CachedOnly:
+    """A model's stand-in for reading its caches without loading it: the name, weight edit and template
+    facts that cache keys read. Anything a computation would need is missing, so a cache miss stops with
+    :class:`FileNotFoundError` instead of computing."""
+
+    def __init__(self, name: str, edit: str, n_post: int):
+        self.name, self.edit, self.n_post = name, edit, n_post
+
+    def __getattr__(self, attr: str):
+        raise FileNotFoundError(f"{self.name}: a value this needs is not in the cache (it would need the "
+                                f"model's {attr!r}); measure the checkpoint first")
+
+
+def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> list[dict[str, Any]]:
+    """The harmful-test completions of one checkpoint under the attack screen's re-selected K=1 attack,
+    read from the caches alone (no model is loaded), e.g. for hand labelling: the screen's measurement names
+    the layer and position it chose; the checkpoint's cached difference in means there, made a unit vector as
+    notebook 01's selection makes it, names the weight edit whose generations were cached. The marker rate
+    of what is read must equal the one the screen recorded, or the wrong file was found and this stops."""
+    from transformers import AutoTokenizer
+
+    from .ablation import edit_tag
+    from .metrics import refusal_labels
+    from .models import post_instruction_tokens
+    from .pipeline import MISSING, completions_path, filtered_train_val, load_cached, mean_residuals, read_completions
+
+    path = checkpoint_eval_path(cfg, name, step, sets)
+    ev = MISSING if path is None else load_cached(path, lambda *_: None, remove_bad=False)
+    if ev is MISSING:
+        raise FileNotFoundError(f"{name} at step {step} has no cached measurement under this profile's config: "
+                                f"run train-variant --evaluate (or notebook 03) first.")
+    where = ev["screen"]["k1_reselected"]["direction"]
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir(cfg))
+    n_post = cfg["model"].get("n_post") or len(post_instruction_tokens(tok, **cfg["model"].get("template_kwargs", {})))
+    model = _CachedOnly(variant_model_name(cfg, name, step), "", n_post)
+    tv = filtered_train_val(cfg, model)
+    v = (mean_residuals(cfg, model, tv.harmful_train, "") - mean_residuals(cfg, model, tv.harmless_train, ""))[where["layer"], where["position"]]
+    model.edit = edit_tag((v / v.norm())[:, None])
+    comps = read_completions(completions_path(cfg, model, sets.harmful), len(sets.harmful))
+    labels = refusal_labels([c["text"] for c in comps])
+    recorded = ev["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"]
+    if abs(sum(labels) / len(labels) - recorded) > 5e-4:  # the recorded rate is rounded
+        raise RuntimeError(f"{name}@{step}: the completions found read a refusal rate of {sum(labels) / len(labels):.4f}, "
+                           f"the screen recorded {recorded}: not the screen's generations")
+    return comps
 
 
 def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None) -> dict[str, Any]:
