@@ -49,4 +49,6 @@ def test_point_biserial_and_judge_agreement():
     assert M.point_biserial([1, 2, 3, 4], [0, 0, 1, 1]) > 0.8
     assert math.isnan(M.point_biserial([1, 2], [1, 1]))
     agree = M.judge_agreement([True, True, False, False], [True, False, True, False])
-    assert agree == {"precision": 0.5, "recall": 0.5, "n": 4}
+    assert agree == {"precision": 0.5, "recall": 0.5, "n": 4, "labelled_refusals": 2, "marker_refusals": 2}
+    none = M.judge_agreement([False, False], [True, False])  # the markers flag nothing: precision undefined
+    assert math.isnan(none["precision"]) and none["recall"] == 0 and none["labelled_refusals"] == 1

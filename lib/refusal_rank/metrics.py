@@ -105,9 +105,12 @@ def point_biserial(scores: Sequence[float], labels: Sequence[float]) -> float:
 
 
 def judge_agreement(pred: Sequence[bool], gold: Sequence[bool]) -> dict[str, float]:
-    """Precision and recall of the marker judge against hand labels (refusal = positive)."""
+    """Precision and recall of the marker judge against hand labels (refusal = positive), with the two
+    counts they come from: on an attacked model nearly nothing is a refusal, so a recall of 0 may rest on
+    one labelled refusal, and a precision is undefined (nan) when the markers flag nothing."""
     p, g = np.asarray(pred, bool), np.asarray(gold, bool)
     tp = int((p & g).sum())
     prec = tp / p.sum() if p.sum() else float("nan")
     rec = tp / g.sum() if g.sum() else float("nan")
-    return {"precision": round(float(prec), 4), "recall": round(float(rec), 4), "n": int(len(g))}
+    return {"precision": round(float(prec), 4), "recall": round(float(rec), 4), "n": int(len(g)),
+            "labelled_refusals": int(g.sum()), "marker_refusals": int(p.sum())}
