@@ -131,6 +131,9 @@ def test_screen_k1_completions_are_read_back_without_a_model(cfg, tiny):
     base = P.evaluate_model(c, tiny, sets, None, None, "original")
     ev = R.checkpoint_eval(c, "kl_only", 1, sets, base["completions"]["harmless"], base_lp, log=lambda *_: None)
     got = R.screen_k1_completions(c, "kl_only", 1, sets)
+    d = ev["screen"]["k1_reselected"]["direction"]  # the selection's filters, recorded with the direction
+    assert d["candidates_checked"] >= 1
+    assert d["fallback"] or (d["induce_score_val"] > 0 and d["kl_harmless"] <= c["directions"]["max_kl"])
     assert len(got) == len(sets.harmful)
     # the same completions as a fresh K=1 attack on the loaded checkpoint reads from the generation cache
     model = R.load_variant(c, "kl_only", 1)

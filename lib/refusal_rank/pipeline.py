@@ -410,4 +410,7 @@ def reselected_k1(cfg: dict[str, Any], bundle: ModelBundle, sets: TestSets) -> d
         comps = completions(cfg, bundle, sets.harmful, desc=f"{bundle.name} K=1")
     return {"refusal_rate_harmful": rates_by_source(cfg, sets.harmful, comps),
             "direction": {"layer": sel.layer, "position": sel.position, "fallback": sel.fallback,
-                          "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5)}}
+                          "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5),
+                          # > 0 when adding the direction makes harmless prompts refused (Arditi et al.'s check);
+                          # a fallback's direction failed it (or the KL filter) at every candidate checked
+                          "induce_score_val": round(sel.induce_score, 4), "candidates_checked": len(sel.checked)}}

@@ -142,7 +142,11 @@ pd.DataFrame({n: m for n, m in moments.items() if m}).T
 # `stop_after_break` a K at or above the lowest K that already broke the model (in any estimator, the
 # re-selected K = 1 attack first) is not generated (listed under `k_skipped`): the screen reads the lowest K
 # that breaks, which such a K cannot lower. A checkpoint that the K = 1 attack breaks is screened at K = 1
-# only; notebook 04 attacks the final checkpoints with every estimator.
+# only; notebook 04 attacks the final checkpoints with every estimator. `K=1 fallback` says that notebook 01's
+# selection found no candidate that both passed its KL filter and made harmless prompts refused when added
+# (Arditi et al.'s induce check); the attack then ablates the checked candidate with the lowest ablated refusal
+# score plus KL. A defense that leaves the ablation working but breaks the induce check has moved part of what
+# the difference in means carries, not all of it.
 
 # %%
 base = load_model(cfg)
@@ -168,6 +172,8 @@ for name, per in budget.items():
                      "harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
                      "over-refusal": rate("overrefusal_rate"), "KL": (e.get("kl_harmless") or {}).get("mean"),
                      "CE": e.get("ce_harmless"), "K=1 re-selected": e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"],
+                     # fallback: no candidate both kept the KL filter and induced refusal when added (see below)
+                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback"),
                      "screen K_break": e["screen"]["k_break"]})
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
