@@ -6,13 +6,14 @@
 #   1. every variant of [defense] run to 1x, each checkpoint measured (utility + attack screen) as it lands
 #   2. notebooks 01 and 02 (directions, the K=1 attack and its export), then the generation and training
 #      benchmarks (benchmarks/bench_generation.py, bench_training.py: they must run alone, and a queue stage is
-#      the one place they do)
+#      the one place they do), then the moment diagnostics of the 1x checkpoints recomputed with the top
+#      eigenvalue split into its parts (tools/moment_decomposition.py -> results/<profile>/moment_decomposition.json)
 #   3. the audit reports (results/<profile>/audit/): the original, the K=1 export, the variants whose final
 #      checkpoint exists (those outside the budget curve)
 #   4. the budget curve: the budget_curve variants milestone by milestone to 8x, each measured
 #   5. notebooks 03, 04 and 05 (they reuse every trained and measured checkpoint)
-#   6. the audit reports again, now with the budget-curve variants at 8x, and the cache's size measured
-#      (results/<profile>/cache_size.json)
+#   6. the audit reports again, now with the budget-curve variants at 8x, the moment decomposition of their
+#      milestones, and the cache's size measured (results/<profile>/cache_size.json)
 #
 # Usage: nohup scripts/cpu_queue.sh [--profile NAME] [--from N] > logs/queue.log 2>&1 &
 # The body is one function, read whole before it runs: bash reads a plain script as it goes, so editing it
@@ -36,7 +37,8 @@ export REFUSAL_RANK_ROOT="$PWD" PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 stage() { echo "== stage $1 ($(date -u +%H:%M)): $2"; }
 if [ "$FROM" -le 1 ]; then stage 1 "every variant to 1x, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --until 1x --evaluate; fi
-if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02, generation and training benchmarks"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02
+if [ "$FROM" -le 2 ]; then stage 2 "notebooks 01-02, generation and training benchmarks, the moment decomposition"; ./run_all.sh --profile "$PROFILE" --from 01 --to 02
+  "$PY" tools/moment_decomposition.py --profile "$PROFILE"
   "$PY" benchmarks/bench_generation.py --profile "$PROFILE"
   "$PY" benchmarks/bench_training.py --profile "$PROFILE"; fi
 # an audit's verdict is a result, not a failure of the queue: an unexpected one is reported and the queue goes on
@@ -44,6 +46,7 @@ if [ "$FROM" -le 3 ]; then stage 3 "audit reports"; scripts/audit_cpu.sh --profi
 if [ "$FROM" -le 4 ]; then stage 4 "the budget curve, measured"; "$PY" tools/train_variant.py --profile "$PROFILE" --plan --evaluate; fi
 if [ "$FROM" -le 5 ]; then stage 5 "notebooks 03-05"; ./run_all.sh --profile "$PROFILE" --from 03 --to 05; fi
 if [ "$FROM" -le 6 ]; then stage 6 "audit reports with every variant, cache size"; scripts/audit_cpu.sh --profile "$PROFILE"
+  "$PY" tools/moment_decomposition.py --profile "$PROFILE"
   "$PY" tools/cache_size.py --profile "$PROFILE"; fi
 stage done "the queue is finished"
 }

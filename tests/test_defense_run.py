@@ -161,6 +161,46 @@ def test_screen_k1_completions_are_read_back_without_a_model(cfg, tiny):
     assert own == P.completions_path(c, model, sets.harmless) and own.is_file()
 
 
+def test_checkpoint_moment_diagnostics_reproduce_what_training_recorded(cfg):
+    """Recomputed on a trained checkpoint (and on the original for step 0), the diagnostics match those the
+    training loop measured on the same prompts (step 0 exactly: the student before its first update is the
+    original; a milestone up to merging the adapters), and carry the top eigenvalue's two parts."""
+    rec = R.train_variant(cfg, "paper_mean", until=1, log=lambda *_: None)
+    recorded = {e["step"]: e["moments"] for e in rec["evals"] if "moments" in e}
+    for step in (0, 1):
+        got = R.checkpoint_moment_diagnostics(cfg, "paper_mean", step)
+        for k in ("mean", "top_eig", "total_var", "spread"):
+            assert got[k] == pytest.approx(recorded[step][k], rel=1e-3, abs=1e-4), (step, k)
+        assert got["top_eig_cov"] > 0 and "gap_sq" in got
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        R.checkpoint_moment_diagnostics(cfg, "paper_mean", 2)
+
+
+def test_moment_decomposition_tool_writes_each_checkpoint_once(cfg, tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from refusal_rank.config import RESULTS_ENV
+
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "results"))
+    R.train_variant(cfg, "paper_mean", until=1, log=lambda *_: None)
+    spec = importlib.util.spec_from_file_location("md", Path(__file__).resolve().parents[1] / "tools" / "moment_decomposition.py")
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    assert "kl_only" not in md.moment_variants(cfg) and "paper_mean" in md.moment_variants(cfg)
+    calls = []
+    monkeypatch.setattr(md.R, "checkpoint_moment_diagnostics", lambda c, n, s: calls.append((n, s)) or {"top_eig": 1.0})
+    monkeypatch.setattr(sys, "argv", ["moment_decomposition.py", "--profile", "tiny", "--variants", "paper_mean"])
+    md.main()
+    doc = json.loads((tmp_path / "results" / "tiny" / "moment_decomposition.json").read_text())
+    assert calls == [("paper_mean", 0), ("paper_mean", 1)] and set(doc["variants"]["paper_mean"]["steps"]) == {"0", "1"}
+    assert doc["variants"]["paper_mean"]["steps"]["0"]["snapshot_sha256"] == "original"
+    md.main()  # resumes: nothing is recomputed for the same snapshots
+    assert len(calls) == 2
+
+
 def test_variant_key_moves_with_what_trains_its_weights(cfg):
     """A moment knob changes the key of a variant with moment terms only; a shared knob changes every key."""
     import copy
@@ -186,6 +226,10 @@ def test_moments_entry_reads_the_term_its_floor_and_the_diagnostics():
     assert e["term"] == "cov" and e["start"] == pytest.approx(0.095) and e["end"] == pytest.approx(0.035)
     assert e["noise_floor"] == pytest.approx(0.01) and e["diag_before"] == 0.09 and e["diag_after"] == 0.03
     assert e["spread_before"] == 1.0 and e["spread_after"] == 1.02
+    assert "top_eig_cov_before" not in e  # diagnostics from before these keys: no parts reported
+    rec["evals"][1]["moments"].update(top_eig_cov=4.0, gap_sq=0.5)  # a resumed run: the later milestone has them
+    e = R.moments_entry(rec)
+    assert e["top_eig_cov_before"] is None and e["top_eig_cov_after"] == 4.0 and e["gap_sq_after"] == 0.5
     assert R.moments_entry({"variant": {}, "history": [{"step": 0, "lm": 1.0}], "evals": []}) is None
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from refusal_rank.defense import (Standardizer, class_cov_gap, class_mean_gap, cov_matching_loss,
-                                  excess_top_eig, kd_loss, masked_mean, mean_matching_loss, plugin_cov_gap,
+                                  excess_cov_top_eig, excess_top_eig, kd_loss, masked_mean, mean_matching_loss, plugin_cov_gap,
                                   pool_positions, prompt_lm_loss, shuffle_rows, spread_anchor_loss,
                                   spread_log_ratio)
 
@@ -168,6 +168,23 @@ def test_excess_top_eig_scales_with_c_squared():
     assert torch.allclose(excess_top_eig(0.5 * h, 0.5 * o), 0.25 * e, rtol=1e-6)
     shift = 50.0 * torch.randn(1, 2, 8)  # a common drift of both classes changes nothing
     assert torch.allclose(excess_top_eig(h + shift, o + shift), e, rtol=1e-6)
+
+
+def test_excess_cov_top_eig_splits_a_mean_gap_from_a_covariance_gap():
+    """A planted shift of the harmful mean raises the excess second moment by about its squared norm and
+    leaves the covariance part exactly as it was; a planted variance along one axis raises both; a common
+    rescaling by c scales the covariance part by c^2 (so shrinking still shows)."""
+    torch.manual_seed(6)
+    h, o = torch.randn(400, 2, 8), torch.randn(400, 2, 8)
+    shift = torch.zeros(1, 2, 8)
+    shift[..., 3] = 4.0  # ||mu_h - mu_o||^2 = 16 at each site
+    base_all, base_cov = excess_top_eig(h, o), excess_cov_top_eig(h, o)
+    assert torch.allclose(excess_cov_top_eig(h + shift, o), base_cov, atol=1e-9)
+    assert (excess_top_eig(h + shift, o) - base_all > 14).all()
+    wide = h.clone()
+    wide[..., 5] *= 3.0  # variance 9 against 1 along axis 5
+    assert (excess_cov_top_eig(wide, o) > 6).all() and (base_cov < 1).all()
+    assert torch.allclose(excess_cov_top_eig(0.5 * wide, 0.5 * o), 0.25 * excess_cov_top_eig(wide, o), rtol=1e-6)
 
 
 def test_masked_mean_ignores_padding():

@@ -50,7 +50,7 @@ def test_every_variant_trains(tiny_cfg, tmp_path, name):
     # the moment diagnostics before training and at every milestone
     diag = [e for e in state.evals if "moments" in e]
     assert diag[0]["step"] == 0 and {e["step"] for e in diag} >= set(tiny_cfg["defense"]["train"]["milestones"])
-    assert {"top_eig", "total_var", "mean", "mean_null", "cov", "cov_null", "spread"} <= set(diag[0]["moments"])
+    assert {"top_eig", "total_var", "mean", "mean_null", "cov", "cov_null", "spread", "top_eig_cov", "gap_sq"} <= set(diag[0]["moments"])
     assert diag[0]["moments"]["spread"] == pytest.approx(1.0, abs=0.02)  # the teacher against itself
     # a snapshot per milestone, verified on load
     for m in tiny_cfg["defense"]["train"]["milestones"]:

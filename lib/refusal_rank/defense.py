@@ -190,6 +190,15 @@ def excess_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.T
     return torch.stack(out)
 
 
+def excess_cov_top_eig(z_harmful: torch.Tensor, z_harmless: torch.Tensor) -> torch.Tensor:
+    """Top eigenvalue, per site, of Sigma_h - Sigma_o alone: :func:`excess_top_eig` with each class centred
+    on its own mean, so without the outer product of the mean gap. Read beside it, it says what a fall of the
+    excess second moment was: a variant that matches the class means removes (mu_h-mu_o)(mu_h-mu_o)^T and
+    lowers excess_top_eig while this one stays; shrinking the activations by c lowers both by c^2.
+    Inputs (n, S, d), (m, S, d) -> (S,), float64."""
+    return excess_top_eig(z_harmful - z_harmful.mean(0, keepdim=True), z_harmless - z_harmless.mean(0, keepdim=True))
+
+
 def spread_log_ratio(z_harmful: torch.Tensor, z_harmless: torch.Tensor,
                      reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per site, log(total variance of both classes pooled / the teacher's): 0 where the student's spread is

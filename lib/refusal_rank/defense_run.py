@@ -460,6 +460,40 @@ def checkpoint_eval_path(cfg: dict[str, Any], name: str, step: int, sets) -> Pat
     return vdir / f"eval-{step:05d}-{key}.pt"
 
 
+def checkpoint_moment_diagnostics(cfg: dict[str, Any], name: str, step: int) -> dict[str, Any]:
+    """The moment diagnostics of a variant at a trained milestone (step 0: the original model, which is the
+    student before its first update), recomputed with the current library on the same fixed prompts, sites
+    and batch size as training measured them. For checkpoints trained before a diagnostic existed (the
+    covariance and mean-gap parts of the top eigenvalue); a milestone's recorded values are reproduced up to
+    merging the adapters into the weights (tested on tiny)."""
+    import gc
+
+    from .models import load_model
+    from .training import moment_diagnostics
+
+    dc = cfg["defense"]
+    tcfg = dc["train"]
+    variant = Variant.from_cfg(name, dc["variants"][name])
+    harm, ok = defense_prompts(cfg)
+    n = int(tcfg.get("diag_prompts", 0))
+    if n < 2:
+        raise ValueError(f"defense.train.diag_prompts is {n} in {cfg['_path']}: the diagnostics need >= 2 prompts a class")
+    original = load_model(cfg)
+    layers = defense_layers(cfg, original.n_layers)
+    # the teacher is the original's, whatever is measured: read (or computed) before any variant is loaded
+    teacher = cached_teacher(cfg, original, [p.text for p in harm + ok], layers, variant.moment_sites == "positions")
+    if step:
+        del original
+        gc.collect()
+        bundle = load_variant(cfg, name, step)
+    else:
+        bundle = original
+    rows = (list(range(min(n, len(harm)))), [len(harm) + i for i in range(min(n, len(ok)))])
+    batch = 2 * tcfg["batch_per_class"] // int(tcfg.get("micro_batches", 1))
+    return moment_diagnostics(bundle, variant, teacher, layers, [p.text for p in harm[:n]], [p.text for p in ok[:n]],
+                              batch, rows)
+
+
 class _CachedOnly:
     """A model's stand-in for reading its caches without loading it: the name, weight edit and template
     facts that cache keys read. Anything a computation would need is missing, so a cache miss stops with
@@ -576,6 +610,9 @@ def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
                     "diag_steps": [diags[0]["step"], diags[-1]["step"]], "sites": first["sites"]})
         if "spread" in last:  # the spread against the teacher's on the same prompts (1: unchanged; runs since 6f4ce13)
             out.update({"spread_before": first.get("spread"), "spread_after": last["spread"]})
+        for k in ("top_eig_cov", "gap_sq"):  # the top eigenvalue's two parts (diagnostics since these keys)
+            if k in last:
+                out.update({f"{k}_before": first.get(k), f"{k}_after": last[k]})
         if key is not None:
             out.update({"diag_before": first[key], "diag_after": last[key], "diag_null_before": first[f"{key}_null"],
                         "diag_null_after": last[f"{key}_null"]})

@@ -420,10 +420,13 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
                        teacher_rows: tuple[Sequence[int], Sequence[int]] | None = None) -> dict[str, Any]:
     """At the current weights, on fixed prompts: the scale-free terms, their value on two halves of the
     harmless class (the noise floor), the top eigenvalue of the excess second moment and the total
-    variance of the standardised representations, averaged over the matched sites. Shrinking shows as a
-    falling total variance and top eigenvalue with unchanged terms; matching as falling terms and top
-    eigenvalue at an unchanged total variance."""
-    from .defense import class_mean_gap, cov_matching_loss, excess_top_eig, mean_matching_loss, null_split
+    variance of the standardised representations, averaged over the matched sites, and the top eigenvalue's
+    two parts (``top_eig_cov``: the covariance difference alone; ``gap_sq``: the unbiased squared mean gap).
+    Shrinking shows as a falling total variance and top eigenvalue with unchanged terms; matching as falling
+    terms and top eigenvalue at an unchanged total variance (for a mean-matching variant, a falling
+    ``gap_sq`` with ``top_eig_cov`` in place)."""
+    from .defense import (class_mean_gap, cov_matching_loss, excess_cov_top_eig, excess_top_eig, mean_matching_loss,
+                          null_split)
 
     matched = bool(variant.lambda_cov or variant.lambda_mean)  # else: every layer, pooled (the default sites)
     mode = variant.moment_sites if matched else "pooled"
@@ -445,7 +448,7 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
     finally:
         bundle.model.train(was)
     o1, o2 = null_split(o)
-    _, var = class_mean_gap(h, o)
+    gap, var = class_mean_gap(h, o)
     # the spread against the teacher's on the same prompts (``teacher_rows``: their indices in the teacher cache)
     ref = None
     if teacher_rows is not None and mode in teacher.vectors:
@@ -453,6 +456,8 @@ def moment_diagnostics(bundle: ModelBundle, variant: Variant, teacher: TeacherCa
     return {"mean": round(float(mean_matching_loss(h, o)), 6), "mean_null": round(float(mean_matching_loss(o1, o2)), 6),
             "cov": round(float(cov_matching_loss(h, o)), 6), "cov_null": round(float(cov_matching_loss(o1, o2)), 6),
             "top_eig": round(float(excess_top_eig(h, o).mean()), 6), "total_var": round(float(var.mean() / 2), 4),
+            # the excess second moment's two parts: the covariance difference alone, and the squared mean gap
+            "top_eig_cov": round(float(excess_cov_top_eig(h, o).mean()), 6), "gap_sq": round(float(gap.mean()), 6),
             "spread": round(float(spread_log_ratio(h, o, ref).mean().exp()), 4),
             "sites": mode, "n_sites": int(h.shape[1]), "n": [int(h.shape[0]), int(o.shape[0])]}
 
