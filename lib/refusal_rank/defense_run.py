@@ -478,6 +478,8 @@ def checkpoint_moment_diagnostics(cfg: dict[str, Any], name: str, step: int) -> 
     n = int(tcfg.get("diag_prompts", 0))
     if n < 2:
         raise ValueError(f"defense.train.diag_prompts is {n} in {cfg['_path']}: the diagnostics need >= 2 prompts a class")
+    if step and not snapshot_path(variant_dir(cfg, name) / "ckpt.pt", step).is_file():  # before any model loads
+        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {variant_dir(cfg, name)}: train it first.")
     original = load_model(cfg)
     layers = defense_layers(cfg, original.n_layers)
     # the teacher is the original's, whatever is measured: read (or computed) before any variant is loaded
