@@ -163,11 +163,7 @@ def _checkpoint_measurer(cfg):
         print(f"== measure {name} at step {step} ({R.budget_label(cfg, step)})", flush=True)
         ev = R.checkpoint_eval(cfg, name, step, sets, base["harmless"], base["lp"])
         gc.collect()
-        e = R.budget_entry(cfg, step, dict(ev["res"]), ev["screen"])
-        rate = lambda k: (e.get(k) or {}).get("rate")
-        print({"harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
-               "overrefusal": rate("overrefusal_rate"), "kl": (e.get("kl_harmless") or {}).get("mean"),
-               "ce": e.get("ce_harmless"), "screen_k_break": ev["screen"]["k_break"]}, flush=True)
+        print(R.budget_headline(R.budget_entry(cfg, step, dict(ev["res"]), ev["screen"])), flush=True)
 
     return measure
 
@@ -195,16 +191,11 @@ def cmd_progress(a: argparse.Namespace) -> int:
         print(f"{name}: milestones trained {done} (target {R.budget_label(cfg, v['target_step'])})"
               + (f"; not yet measured: {', '.join(R.budget_label(cfg, m) for m in v['unmeasured'])}" if v["unmeasured"] else ""))
         for label, e in v["budget"].items():
-            rate = lambda k: (e.get(k) or {}).get("rate")
-            print(f"  {label}: harmful {rate('refusal_rate_harmful')}, harmless {rate('refusal_rate_harmless')}, "
-                  f"over-refusal {rate('overrefusal_rate')}, KL {(e.get('kl_harmless') or {}).get('mean')}, "
-                  f"CE {e.get('ce_harmless')}, K=1 re-selected {e['screen']['k1_reselected']['refusal_rate_harmful']['rate']}, "
-                  f"screen K_break {e['screen']['k_break']}")
+            print(f"  {label}: " + ", ".join(f"{k} {x}" for k, x in R.budget_headline(e).items()))
     if a.write:
         from .config import results_dir
 
-        out = results_dir(cfg["profile"]) / "queue_progress.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
         doc = {"profile": cfg["profile"], "read_at_commit": git_commit(),
                "note": "read from the run cache by `refusal-rank progress --write`; notebook 03 gathers the same "
                        "entries into summary.json", "variants": progress}

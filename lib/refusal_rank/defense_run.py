@@ -584,6 +584,18 @@ def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: di
             "screen": screen}
 
 
+def budget_headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """A budget entry's headline numbers (the rates, KL, CE, the re-selected K=1 attack's rate and the
+    screen's K_break), as the queue's log and ``refusal-rank progress`` print them."""
+    rate = lambda k: (entry.get(k) or {}).get("rate")
+    screen = entry.get("screen") or {}
+    return {"harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
+            "overrefusal": rate("overrefusal_rate"), "kl": (entry.get("kl_harmless") or {}).get("mean"),
+            "ce": entry.get("ce_harmless"),
+            "k1_reselected": ((screen.get("k1_reselected") or {}).get("refusal_rate_harmful") or {}).get("rate"),
+            "screen_k_break": screen.get("k_break")}
+
+
 def moments_entry(record: dict[str, Any]) -> dict[str, Any] | None:
     """summary.json's ``moments.<variant>``, from the training record: the matched term's value at the
     start and end of training (means of the first and last ``n`` logged steps), its noise floor (the
