@@ -519,7 +519,7 @@ def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> li
 
     from .ablation import edit_tag
     from .metrics import refusal_labels
-    from .models import post_instruction_tokens
+    from .models import template_n_post
     from .pipeline import MISSING, completions_path, filtered_train_val, load_cached, mean_residuals, read_completions
 
     path = checkpoint_eval_path(cfg, name, step, sets)
@@ -529,7 +529,7 @@ def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> li
                                 f"run train-variant --evaluate (or notebook 03) first.")
     where = ev["screen"]["k1_reselected"]["direction"]
     tok = AutoTokenizer.from_pretrained(checkpoint_dir(cfg))
-    n_post = cfg["model"].get("n_post") or len(post_instruction_tokens(tok, **cfg["model"].get("template_kwargs", {})))
+    n_post, _ = template_n_post(tok, cfg["model"])
     model = _CachedOnly(variant_model_name(cfg, name, step), "", n_post)
     tv = filtered_train_val(cfg, model)
     v = (mean_residuals(cfg, model, tv.harmful_train, "") - mean_residuals(cfg, model, tv.harmless_train, ""))[where["layer"], where["position"]]

@@ -316,6 +316,17 @@ def post_instruction_tokens(tokenizer: Any, **template_kwargs: Any) -> list[int]
     return ids
 
 
+def template_n_post(tokenizer: Any, mcfg: dict[str, Any]) -> tuple[int, list[int]]:
+    """How many post-instruction positions the profile reads, and the template's post-instruction ids.
+
+    One rule for every caller (a loaded model and the cache-only readers), so that a cached
+    activation's position index always means the same token: the profile's `model.n_post` if set,
+    else every token the chat template puts after the instruction.
+    """
+    post = post_instruction_tokens(tokenizer, **dict(mcfg.get("template_kwargs", {})))
+    return mcfg.get("n_post") or len(post), post
+
+
 def refusal_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
     """First token of each refusal word (e.g. "I", "As"), deduplicated, in order."""
     ids: list[int] = []
@@ -380,8 +391,7 @@ def bundle_from_pretrained(path: str, cfg: dict[str, Any], name: str | None = No
     contiguous_head_input(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     template_kwargs = dict(mcfg.get("template_kwargs", {}))
-    post = post_instruction_tokens(tok, **template_kwargs)
-    n_post = mcfg.get("n_post") or len(post)
+    n_post, post = template_n_post(tok, mcfg)
     return ModelBundle(
         model=model,
         tokenizer=tok,

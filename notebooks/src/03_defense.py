@@ -184,14 +184,10 @@ for name in variants:
 rows = []
 for name, per in budget.items():
     for label, e in per.items():
-        rate = lambda k: (e.get(k) or {}).get("rate")
-        rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"],
-                     "harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
-                     "over-refusal": rate("overrefusal_rate"), "KL": (e.get("kl_harmless") or {}).get("mean"),
-                     "CE": e.get("ce_harmless"), "K=1 re-selected": e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"],
+        # the same headline numbers the queue's log and `refusal-rank progress` print (R.budget_headline)
+        rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"], **R.budget_headline(e),
                      # fallback: no candidate both kept the KL filter and induced refusal when added (see below)
-                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback"),
-                     "screen K_break": e["screen"]["k_break"]})
+                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback")})
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
 # %%
