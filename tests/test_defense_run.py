@@ -156,6 +156,10 @@ def test_screen_k1_completions_are_read_back_without_a_model(cfg, tiny):
     rows = js.from_screen(c, 3, ["kl_only@1"])
     assert [r["model"] for r in rows] == ["kl_only@1x attacked"] * 3 and len({r["id"] for r in rows}) == 3
     assert all(r["completion"] == got[[p.id for p in sets.harmful].index(r["prompt_id"])]["text"] for r in rows)
+    # a budget-curve variant measured below its target is named by its step (kl_only@1)
+    assert P.completions_path(c, js.stand_in(c, "kl_only@1", None), sets.harmless) == P.completions_path(c, model, sets.harmless)
+    with pytest.raises(SystemExit, match="variant@step"):
+        js.stand_in(c, "kl_only@1x", None)
     c["defense"]["budget_curve"] = []  # kl_only's target is then step 1, the checkpoint measured above
     own = P.completions_path(c, js.stand_in(c, "kl_only", None), sets.harmless)
     assert own == P.completions_path(c, model, sets.harmless) and own.is_file()

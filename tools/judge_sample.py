@@ -2,6 +2,7 @@
 
     python tools/judge_sample.py --profile cpu --out /tmp/judge_sample.jsonl [--models original,k1_ablated]
     python tools/judge_sample.py --profile cpu --out /tmp/defended.jsonl --models defended --per 40,30,10
+    python tools/judge_sample.py --profile cpu --out /tmp/mm.jsonl --models mean_matched@70 --per 0,0,30
     python tools/judge_sample.py --profile cpu --out /tmp/attacked.jsonl --from-sweep 40 [--models defended,kl_only]
     python tools/judge_sample.py --profile cpu --out /tmp/screen.jsonl --from-screen defended@70,paper_mean@70 --n 50
 
@@ -36,14 +37,19 @@ PER = {"harmful": 60, "harmless": 40, "overrefusal": 20}
 
 
 def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
-    """The name and weight-edit tag under which each model's completions were cached (no model is loaded)."""
+    """The name and weight-edit tag under which each model's completions were cached (no model is loaded).
+    A trained variant is read at its target milestone, or at ``variant@step`` (e.g. ``mean_matched@70``: a
+    budget-curve variant measured at 1x before it reaches its target)."""
     from refusal_rank.defense_run import target_step, variant_model_name
 
     if model == "original":
         return SimpleNamespace(name=cfg["model"]["name"], edit="")
     if model == "k1_ablated":
         return SimpleNamespace(name=cfg["model"]["name"], edit=edit_tag(u))
-    return SimpleNamespace(name=variant_model_name(cfg, model, target_step(cfg, model)), edit="")
+    name, at, step = model.partition("@")
+    if at and not step.isdigit():
+        raise SystemExit(f"--models takes a variant or variant@step (e.g. mean_matched@70), not {model!r}")
+    return SimpleNamespace(name=variant_model_name(cfg, name, int(step) if at else target_step(cfg, name)), edit="")
 
 
 def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict]:
@@ -125,6 +131,8 @@ def main() -> None:
     for model in a.models.split(","):
         who = stand_in(cfg, model, u)
         for name, prompts in sets.items():
+            if not per[name]:
+                continue  # no row wanted from this set: its completions need not exist
             comps = P.read_completions(P.completions_path(cfg, who, prompts), len(prompts))
             idx = list(range(len(prompts)))
             random.Random(f"judge-{model}-{name}").shuffle(idx)
