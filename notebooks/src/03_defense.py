@@ -162,8 +162,13 @@ show
 # only; notebook 04 attacks the final checkpoints with every estimator. `K=1 fallback` says that notebook 01's
 # selection found no candidate that both passed its KL filter and made harmless prompts refused when added
 # (Arditi et al.'s induce check); the attack then ablates the checked candidate with the lowest ablated refusal
-# score plus KL. A defense that leaves the ablation working but breaks the induce check has moved part of what
-# the difference in means carries, not all of it.
+# score plus KL, even when that candidate failed the KL filter: `K=1 KL` is the first-token KL on harmless val
+# of the ablation the attack used, what the break costs the attacker. A defense that leaves the ablation
+# working but breaks the induce check has moved part of what the difference in means carries, not all of it.
+#
+# Which variants go on to 8x is `[defense] budget_curve`: `kl_only`, `defended`, and the moment variant that
+# resisted the re-selected K = 1 attack best at 1x (its harmful refusal rate under the attack, then its ablated
+# val score), chosen from the 1x screens before any longer run started; the config's comment names it.
 
 # %%
 base = load_model(cfg)
@@ -187,7 +192,8 @@ for name, per in budget.items():
         # the same headline numbers the queue's log and `refusal-rank progress` print (R.budget_headline)
         rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"], **R.budget_headline(e),
                      # fallback: no candidate both kept the KL filter and induced refusal when added (see below)
-                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback")})
+                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback"),
+                     "K=1 KL": e["screen"]["k1_reselected"]["direction"].get("kl_harmless")})
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
 # %%
