@@ -237,6 +237,21 @@ def test_moments_entry_reads_the_term_its_floor_and_the_diagnostics():
     assert R.moments_entry({"variant": {}, "history": [{"step": 0, "lm": 1.0}], "evals": []}) is None
 
 
+def test_budget_headline_reads_each_number_and_tolerates_a_partial_entry():
+    """The headline (queue log, progress, notebook 03's table) carries the K=1 attack's direction: whether it
+    was a fallback and its own KL cost; an entry measured before some key existed reads None there."""
+    entry = {"refusal_rate_harmful": {"rate": 0.725}, "refusal_rate_harmless": {"rate": 0.02},
+             "overrefusal_rate": {"rate": 0.38}, "kl_harmless": {"mean": 0.15}, "ce_harmless": 0.43,
+             "screen": {"k_break": 1, "k1_reselected": {"refusal_rate_harmful": {"rate": 0.106},
+                                                        "direction": {"fallback": True, "kl_harmless": 0.51}}}}
+    h = R.budget_headline(entry)
+    assert h == {"harmful": 0.725, "harmless": 0.02, "overrefusal": 0.38, "kl": 0.15, "ce": 0.43,
+                 "k1_reselected": 0.106, "k1_fallback": True, "k1_kl": 0.51, "screen_k_break": 1}
+    del entry["screen"]["k1_reselected"]["direction"], entry["overrefusal_rate"]
+    h = R.budget_headline(entry)
+    assert h["k1_fallback"] is None and h["k1_kl"] is None and h["overrefusal"] is None and h["k1_reselected"] == 0.106
+
+
 def test_screen_walk_skips_the_k_above_a_break_and_never_changes_the_lowest_one():
     """An estimator that breaks at K=4 of [1, 4, 16]: with stop_after_break, 16 is skipped (not measured),
     without it every K is measured; the lowest K below the threshold is 4 either way. A measure that has no

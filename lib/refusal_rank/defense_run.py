@@ -585,14 +585,18 @@ def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: di
 
 
 def budget_headline(entry: dict[str, Any]) -> dict[str, Any]:
-    """A budget entry's headline numbers (the rates, KL, CE, the re-selected K=1 attack's rate and the
-    screen's K_break), as the queue's log and ``refusal-rank progress`` print them."""
+    """A budget entry's headline numbers, as the queue's log, ``refusal-rank progress`` and notebook 03's
+    table show them: the rates, KL, CE, the re-selected K=1 attack's rate, whether its direction was a
+    fallback (no candidate passed the selection's filters) and that direction's own first-token KL on
+    harmless val (what the attack costs: a fallback may fail the KL filter), and the screen's K_break."""
     rate = lambda k: (entry.get(k) or {}).get("rate")
     screen = entry.get("screen") or {}
+    k1 = screen.get("k1_reselected") or {}
+    direction = k1.get("direction") or {}
     return {"harmful": rate("refusal_rate_harmful"), "harmless": rate("refusal_rate_harmless"),
             "overrefusal": rate("overrefusal_rate"), "kl": (entry.get("kl_harmless") or {}).get("mean"),
-            "ce": entry.get("ce_harmless"),
-            "k1_reselected": ((screen.get("k1_reselected") or {}).get("refusal_rate_harmful") or {}).get("rate"),
+            "ce": entry.get("ce_harmless"), "k1_reselected": (k1.get("refusal_rate_harmful") or {}).get("rate"),
+            "k1_fallback": direction.get("fallback"), "k1_kl": direction.get("kl_harmless"),
             "screen_k_break": screen.get("k_break")}
 
 

@@ -159,10 +159,10 @@ show
 # `stop_after_break` a K at or above the lowest K that already broke the model (in any estimator, the
 # re-selected K = 1 attack first) is not generated (listed under `k_skipped`): the screen reads the lowest K
 # that breaks, which such a K cannot lower. A checkpoint that the K = 1 attack breaks is screened at K = 1
-# only; notebook 04 attacks the final checkpoints with every estimator. `K=1 fallback` says that notebook 01's
+# only; notebook 04 attacks the final checkpoints with every estimator. `k1_fallback` says that notebook 01's
 # selection found no candidate that both passed its KL filter and made harmless prompts refused when added
 # (Arditi et al.'s induce check); the attack then ablates the checked candidate with the lowest ablated refusal
-# score plus KL, even when that candidate failed the KL filter: `K=1 KL` is the first-token KL on harmless val
+# score plus KL, even when that candidate failed the KL filter: `k1_kl` is the first-token KL on harmless val
 # of the ablation the attack used, what the break costs the attacker. A defense that leaves the ablation
 # working but breaks the induce check has moved part of what the difference in means carries, not all of it.
 #
@@ -189,11 +189,9 @@ for name in variants:
 rows = []
 for name, per in budget.items():
     for label, e in per.items():
-        # the same headline numbers the queue's log and `refusal-rank progress` print (R.budget_headline)
-        rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"], **R.budget_headline(e),
-                     # fallback: no candidate both kept the KL filter and induced refusal when added (see below)
-                     "K=1 fallback": e["screen"]["k1_reselected"]["direction"].get("fallback"),
-                     "K=1 KL": e["screen"]["k1_reselected"]["direction"].get("kl_harmless")})
+        # the same headline numbers the queue's log and `refusal-rank progress` print (R.budget_headline);
+        # k1_fallback: no candidate both kept the KL filter and induced refusal when added (see above)
+        rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"], **R.budget_headline(e)})
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
 # %%
