@@ -36,6 +36,15 @@ from refusal_rank.results import load_artifact
 PER = {"harmful": 60, "harmless": 40, "overrefusal": 20}
 
 
+def checkpoint_spec(spec: str, option: str) -> tuple[str, int | None]:
+    """``variant@step`` as (variant, step), or (variant, None) without a step; ``option`` names the flag in
+    the one-sentence error a malformed step gets."""
+    name, at, step = spec.partition("@")
+    if at and not step.isdigit():
+        raise SystemExit(f"{option} takes variant@step (e.g. mean_matched@70), not {spec!r}")
+    return name, int(step) if at else None
+
+
 def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
     """The name and weight-edit tag under which each model's completions were cached (no model is loaded).
     A trained variant is read at its target milestone, or at ``variant@step`` (e.g. ``mean_matched@70``: a
@@ -46,10 +55,8 @@ def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
         return SimpleNamespace(name=cfg["model"]["name"], edit="")
     if model == "k1_ablated":
         return SimpleNamespace(name=cfg["model"]["name"], edit=edit_tag(u))
-    name, at, step = model.partition("@")
-    if at and not step.isdigit():
-        raise SystemExit(f"--models takes a variant or variant@step (e.g. mean_matched@70), not {model!r}")
-    return SimpleNamespace(name=variant_model_name(cfg, name, int(step) if at else target_step(cfg, name)), edit="")
+    name, step = checkpoint_spec(model, "--models")
+    return SimpleNamespace(name=variant_model_name(cfg, name, target_step(cfg, name) if step is None else step), edit="")
 
 
 def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict]:
@@ -91,11 +98,11 @@ def from_screen(cfg: dict, per_model: int, checkpoints: list[str]) -> list[dict]
     sets = P.test_sets(cfg)
     out = []
     for spec in checkpoints:
-        name, _, step = spec.partition("@")
-        if not step.isdigit():
+        name, step = checkpoint_spec(spec, "--from-screen")
+        if step is None:
             raise SystemExit(f"--from-screen takes variant@step (e.g. defended@70), not {spec!r}")
-        comps = R.screen_k1_completions(cfg, name, int(step), sets)
-        model = f"{name}@{R.budget_label(cfg, int(step))} attacked"
+        comps = R.screen_k1_completions(cfg, name, step, sets)
+        model = f"{name}@{R.budget_label(cfg, step)} attacked"
         idx = list(range(len(comps)))
         random.Random(f"judge-screen-{spec}").shuffle(idx)
         out += [{"id": f"{model}:{sets.harmful[i].id}", "model": model, "set": "harmful", "attack": "k1_reselected",
