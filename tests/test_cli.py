@@ -56,6 +56,14 @@ def test_progress_of_an_empty_cache_lists_every_variant_and_writes_its_file(tmp_
     assert all(f"{n}: milestones trained none" in out for n in names)
     doc = json.loads((tmp_path / "results" / "tiny" / "queue_progress.json").read_text())
     assert list(doc["variants"]) == names and doc["profile"] == "tiny"
+    # a committed measurement outlives a new, empty cache: written again, the file still holds it, marked
+    entry = {"step": 1, "snapshot_sha256": "a" * 64, "refusal_rate_harmful": {"rate": 0.5}, "screen": None}
+    doc["variants"][names[0]]["budget"]["1x"] = entry
+    (tmp_path / "results" / "tiny" / "queue_progress.json").write_text(json.dumps(doc))
+    assert cli.main(["progress", "--profile", "tiny", "--write"]) == 0
+    assert f"{names[0]} 1x: carried from the committed file" in capsys.readouterr().out
+    again = json.loads((tmp_path / "results" / "tiny" / "queue_progress.json").read_text())
+    assert again["variants"][names[0]]["budget"]["1x"] == {**entry, "carried_from_commit": doc["read_at_commit"]}
     assert cli.main(["progress", "--profile", "nope"]) == 2
 
 

@@ -94,8 +94,8 @@ def test_queue_progress_reads_what_was_measured_and_never_touches_the_cache(cfg,
     p0 = R.queue_progress(cfg, sets, ["kl_only", "defended"])
     assert p0["kl_only"]["milestones"] == [1] and p0["kl_only"]["unmeasured"] == [1] and p0["kl_only"]["budget"] == {}
     assert p0["kl_only"]["training"]["steps"] == 1 and "term" not in p0["kl_only"]["moments"]  # diagnostics, no term
-    assert p0["defended"] == {"dir": R.variant_dir(cfg, "defended").name, "target_step": 4, "milestones": [],
-                              "budget": {}, "unmeasured": []}
+    assert p0["defended"] == {"dir": R.variant_dir(cfg, "defended").name, "dtype": cfg["model"]["dtype"],
+                              "target_step": 4, "milestones": [], "budget": {}, "unmeasured": []}
     monkeypatch.setattr(R, "load_variant", lambda *a: object())
     monkeypatch.setattr(P, "evaluate_model", lambda *a, **k: {"refusal_rate_harmful": {"rate": 0.25}, "completions": {"x": []}})
     monkeypatch.setattr(R, "attack_screen", lambda *a, **k: {"k1_reselected": {"r": 0}, "k_break": 1})
@@ -327,3 +327,44 @@ def test_a_screen_whose_k1_attack_broke_the_model_generates_nothing_more(tiny_cf
     monkeypatch.setattr(pipeline, "reselected_k1", lambda cfg, b, s: {"refusal_rate_harmful": {"rate": 0.0}})
     out = R.attack_screen(off, None, None)
     assert calls == [1, 2, 1, 2, 4] and out["k_break"] == 1 and out["k_screened"] == [1, 2, 4]
+
+
+def test_merge_progress_keeps_committed_measurements_a_new_cache_lacks():
+    """A new machine's empty cache must not erase committed measurements: they are carried (and marked) when
+    the variant's configuration hash (its folder name) is unchanged, dropped when it changed; where the
+    cache has the same checkpoint measured, its entry wins and a differing snapshot hash is reported."""
+    e1 = {"step": 70, "snapshot_sha256": "a" * 64, "screen": {"k_break": 1}}
+    committed = {"read_at_commit": "abc1234", "variants": {
+        "defended": {"dir": "defended-h1", "budget": {"1x": e1}, "training": {"tokens_per_s": 15.8}, "moments": {"end": 0.02}},
+        "paper_mean": {"dir": "paper_mean-OLD", "budget": {"1x": e1}},
+        "gone": {"dir": "gone-h", "budget": {"1x": e1}}}}
+    empty = {"dir": "defended-h1", "target_step": 560, "milestones": [], "budget": {}, "unmeasured": []}
+    current = {"defended": empty, "paper_mean": {**empty, "dir": "paper_mean-NEW"}}
+    merged, notes = R.merge_progress(committed, current, {"paper_mean-OLD": "float32"})
+    assert merged["defended"]["budget"]["1x"] == {**e1, "carried_from_commit": "abc1234"}
+    assert merged["defended"]["training"] == {"tokens_per_s": 15.8} and merged["defended"]["moments"] == {"end": 0.02}
+    assert "gone" not in merged  # a variant the profile does not run any more
+    # trained under another configuration (dtype): not a measurement of this one, but kept apart, with its dtype
+    assert merged["paper_mean"]["budget"] == {}
+    assert merged["paper_mean"]["other_configurations"] == {
+        "paper_mean-OLD": {"dtype": "float32", "read_at_commit": "abc1234", "budget": {"1x": e1}}}
+    assert current["defended"]["budget"] == {} and "other_configurations" not in current["paper_mean"]  # inputs unchanged
+    assert len(notes) == 4 and sum("carried" in n for n in notes) == 3 and "(float32)" in notes[-1]
+    # written again, the kept run stays kept (not nested, not lost)
+    again, _ = R.merge_progress({"read_at_commit": "x", "variants": merged}, current)
+    assert again["paper_mean"]["other_configurations"] == merged["paper_mean"]["other_configurations"]
+    # the cache measured it again: its entry wins; a different snapshot hash is reported, an equal one is not
+    e2 = {"step": 70, "snapshot_sha256": "b" * 64}
+    merged, notes = R.merge_progress(committed, {"defended": {**empty, "budget": {"1x": e2}, "training": {"tokens_per_s": 20.0}}})
+    assert merged["defended"]["budget"]["1x"] == e2 and merged["defended"]["training"] == {"tokens_per_s": 20.0}
+    assert any("not bitwise the same" in n for n in notes)
+    _, notes = R.merge_progress(committed, {"defended": {**empty, "budget": {"1x": e1}, "training": {}, "moments": {}}})
+    assert notes == []
+    # a carried entry stays marked with the commit it was first measured at; budget labels stay in step order
+    e4 = {"step": 280, "snapshot_sha256": "c" * 64}
+    again = {"read_at_commit": "def5678", "variants": {"defended": {"dir": "defended-h1", "budget": {
+        "4x": e4, "1x": {**e1, "carried_from_commit": "abc1234"}}}}}
+    merged, _ = R.merge_progress(again, {"defended": empty})
+    assert list(merged["defended"]["budget"]) == ["1x", "4x"]
+    assert merged["defended"]["budget"]["1x"]["carried_from_commit"] == "abc1234"
+    assert R.merge_progress(None, current)[0] == current

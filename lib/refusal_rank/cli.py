@@ -172,12 +172,13 @@ def cmd_progress(a: argparse.Namespace) -> int:
     """The background queue's progress from the caches alone (no model): each variant's milestones and the
     headline numbers of every checkpoint already measured; ``--write`` keeps them in
     ``results/<profile>/queue_progress.json`` so that measurements finished in one session can be committed
-    before notebook 03 gathers them all."""
+    before notebook 03 gathers them all. Entries of that file which the cache lacks (a new machine) are kept,
+    marked as carried (``defense_run.merge_progress``)."""
     import json
 
     from . import defense_run as R
     from . import pipeline as P
-    from .config import ProfileError, load_config
+    from .config import ProfileError, load_config, results_dir
     from .results import git_commit
 
     try:
@@ -186,6 +187,17 @@ def cmd_progress(a: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     progress = R.queue_progress(cfg, P.test_sets(cfg))
+    out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
+    committed = json.loads(out.read_text()) if out.is_file() else None
+    if committed is not None and committed.get("profile") != cfg["profile"]:
+        committed = None
+    dir_dtypes = {}  # which dtype a committed run's folder name stands for (a CPU resolves dtype "auto" by its kind)
+    for dtype in ("float32", "bfloat16", "float16"):
+        other = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
+        dir_dtypes.update({R.variant_dir_name(other, n): dtype for n in progress})
+    progress, notes = R.merge_progress(committed, progress, dir_dtypes)  # a new machine's empty cache erases nothing
+    for line in notes:
+        print(line)
     for name, v in progress.items():
         done = ", ".join(f"{R.budget_label(cfg, m)}" for m in v["milestones"]) or "none"
         print(f"{name}: milestones trained {done} (target {R.budget_label(cfg, v['target_step'])})"
@@ -193,11 +205,9 @@ def cmd_progress(a: argparse.Namespace) -> int:
         for label, e in v["budget"].items():
             print(f"  {label}: " + ", ".join(f"{k} {x}" for k, x in R.budget_headline(e).items()))
     if a.write:
-        from .config import results_dir
-
-        out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
         doc = {"profile": cfg["profile"], "read_at_commit": git_commit(),
-               "note": "read from the run cache by `refusal-rank progress --write`; notebook 03 gathers the same "
+               "note": "read from the run cache by `refusal-rank progress --write`, completed by this file's earlier "
+                       "entries that the cache lacks (each marked carried_from_commit); notebook 03 gathers the same "
                        "entries into summary.json", "variants": progress}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")

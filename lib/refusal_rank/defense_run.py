@@ -50,6 +50,13 @@ MOMENT_CODE = "batch-moments+teacher-spread"
 
 
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
+    """A variant's folder in the run cache (created): :func:`variant_dir_name` under ``defense/``."""
+    return run_cache(cfg, "defense", variant_dir_name(cfg, name))
+
+
+def variant_dir_name(cfg: dict[str, Any], name: str) -> str:
+    """``<name>-<key>``: the key hashes everything that determines the trained weights, the model's
+    resolved dtype included (a bf16 and a float32 run of one profile are two runs). Creates nothing."""
     harm, ok = defense_prompts(cfg)
     dc = cfg["defense"]
     # what determines the trained weights (not the variants' siblings, not the targets they are judged by,
@@ -70,7 +77,7 @@ def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     key = cache_key(cfg["model"], shared, code,
                     dc["variants"][name],
                     [p.id for p in harm + ok])
-    return run_cache(cfg, "defense", f"{name}-{key}")
+    return f"{name}-{key}"
 
 
 def check_prompt_texts(cfg: dict[str, Any], name: str, out: Path) -> None:
@@ -556,7 +563,7 @@ def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None
     out: dict[str, Any] = {}
     for name in names or default_variants(cfg):
         vdir = variant_dir(cfg, name)
-        entry: dict[str, Any] = {"dir": vdir.name, "target_step": target_step(cfg, name),
+        entry: dict[str, Any] = {"dir": vdir.name, "dtype": cfg["model"]["dtype"], "target_step": target_step(cfg, name),
                                  "milestones": reached_milestones(cfg, name), "budget": {}, "unmeasured": []}
         record_path = vdir / "record.json"
         if record_path.is_file():
@@ -575,6 +582,58 @@ def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None
             entry["budget"][budget_label(cfg, step)] = e
         out[name] = entry
     return out
+
+
+def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
+                   dir_dtypes: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``current`` (``queue_progress`` of this machine's cache) completed by a committed progress file.
+
+    A queue of many sessions may lose its cache (a new machine): writing the progress file from the cache
+    alone would then erase measurements that were committed and are not yet retrained. A variant's committed
+    ``training``, ``moments`` and budget entries are carried over where the cache has none, only when the
+    variant's cache folder name (which hashes its configuration) is the same, and each carried budget entry
+    says so (``carried_from_commit``). Where both hold a measured checkpoint, the cache's entry wins and a
+    differing snapshot sha256 is reported: a retrained checkpoint that is not bitwise the same. A committed
+    variant trained under another configuration (the same profile on a machine whose CPU resolved ``dtype =
+    "auto"`` otherwise, say) is not a measurement of the current one, but it was measured: it is kept apart,
+    under ``other_configurations``, by folder name, with its dtype where ``dir_dtypes`` (folder name -> dtype)
+    knows it. Returns the merged variants and one line per carried entry, kept run or mismatch."""
+    out = json.loads(json.dumps(current))
+    notes: list[str] = []
+    if not committed:
+        return out, notes
+    commit = committed.get("read_at_commit")
+    for name, old in committed.get("variants", {}).items():
+        new = out.get(name)
+        if new is None:
+            continue  # a variant the profile no longer runs
+        for d, kept in old.get("other_configurations", {}).items():
+            if d != new["dir"]:
+                new.setdefault("other_configurations", {}).setdefault(d, kept)
+        if old.get("dir") != new["dir"]:
+            if old.get("budget") or "training" in old:
+                kept = {k: old[k] for k in ("training", "moments", "budget") if old.get(k)}
+                dtype = (dir_dtypes or {}).get(old["dir"])
+                kept = {**({"dtype": dtype} if dtype else {}), "read_at_commit": commit, **kept}
+                new.setdefault("other_configurations", {}).setdefault(old["dir"], kept)
+                notes.append(f"{name}: the committed run {old['dir']} was trained under another configuration"
+                             + (f" ({dtype})" if dtype else "") + ": kept under other_configurations")
+            continue
+        for key in ("training", "moments"):
+            if key not in new and key in old:
+                new[key] = old[key]
+                notes.append(f"{name}: {key} carried from the committed file (commit {commit})")
+        for label, e in old.get("budget", {}).items():
+            mine = new["budget"].get(label)
+            if mine is None:
+                new["budget"][label] = {**e, "carried_from_commit": e.get("carried_from_commit", commit)}
+                notes.append(f"{name} {label}: carried from the committed file (commit {commit})")
+            elif mine.get("snapshot_sha256") != e.get("snapshot_sha256"):
+                notes.append(f"{name} {label}: the cache's snapshot differs from the committed one "
+                             f"({str(mine.get('snapshot_sha256'))[:12]} vs {str(e.get('snapshot_sha256'))[:12]}): "
+                             "the retrained checkpoint is not bitwise the same; the cache's entry is kept")
+        new["budget"] = dict(sorted(new["budget"].items(), key=lambda kv: kv[1].get("step", 0)))
+    return out, notes
 
 
 def budget_entry(cfg: dict[str, Any], step: int, res: dict[str, Any], screen: dict[str, Any] | None) -> dict[str, Any]:
