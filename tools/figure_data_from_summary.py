@@ -41,7 +41,7 @@ def post_tokens(cfg: dict, n_post: int, d: dict) -> list[str]:
     """The post-instruction tokens as notebook 01 shows them: from the tokenizer of the cached checkpoint
     when there is one (no weights are loaded), else by index, with the selected one named by the summary."""
     from refusal_rank.config import cache_root
-    from refusal_rank.models import post_instruction_tokens
+    from refusal_rank.models import template_n_post
 
     m = cfg["model"]
     ckpt = cache_root() / "models" / f"{m['name']}-{m.get('gguf_sha256', '')[:12]}"
@@ -49,8 +49,10 @@ def post_tokens(cfg: dict, n_post: int, d: dict) -> list[str]:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(ckpt))
-        ids = post_instruction_tokens(tok, **m.get("template_kwargs", {}))[-n_post:]
-        return [tok.decode([t]) for t in ids]
+        n_rule, post = template_n_post(tok, m)  # the rule every reader of cached positions uses
+        if n_rule == n_post:
+            return [tok.decode([t]) for t in post[-n_post:]]
+        print(f"the direction file holds {n_post} positions but the profile reads {n_rule}: positions shown by index")
     names = [f"pos {i}" for i in range(n_post)]
     names[d["position"]] = d["position_token"]
     return names
