@@ -368,3 +368,17 @@ def test_merge_progress_keeps_committed_measurements_a_new_cache_lacks():
     assert list(merged["defended"]["budget"]) == ["1x", "4x"]
     assert merged["defended"]["budget"]["1x"]["carried_from_commit"] == "abc1234"
     assert R.merge_progress(None, current)[0] == current
+
+
+def test_original_rates_are_read_from_the_cached_completions_alone(cfg, tiny):
+    """The progress file's reference: the original's rates, the same as its evaluation computed, read from
+    the generation cache without a model; None while any of the three test sets is not cached."""
+    from refusal_rank import pipeline as P
+
+    sets = P.test_sets(cfg)
+    assert R.original_rates(cfg, sets) is None
+    res = P.evaluate_model(cfg, tiny, sets, None, None, "original")
+    got = R.original_rates(cfg, sets)
+    assert got["dtype"] == cfg["model"]["dtype"]
+    for key in ("refusal_rate_harmful", "refusal_rate_harmless", "overrefusal_rate"):
+        assert got[key] == res[key]

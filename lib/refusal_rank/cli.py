@@ -186,7 +186,9 @@ def cmd_progress(a: argparse.Namespace) -> int:
     except ProfileError as e:
         print(e, file=sys.stderr)
         return 2
-    progress = R.queue_progress(cfg, P.test_sets(cfg))
+    sets = P.test_sets(cfg)
+    progress = R.queue_progress(cfg, sets)
+    original = R.original_rates(cfg, sets)
     out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
     committed = json.loads(out.read_text()) if out.is_file() else None
     if committed is not None and committed.get("profile") != cfg["profile"]:
@@ -198,6 +200,13 @@ def cmd_progress(a: argparse.Namespace) -> int:
     progress, notes = R.merge_progress(committed, progress, dir_dtypes)  # a new machine's empty cache erases nothing
     for line in notes:
         print(line)
+    if original is None and committed is not None:
+        original = committed.get("original")  # a new machine's cache lacks it: the committed one, with its dtype
+    if original is not None:
+        print(f"original ({original['dtype']}): " + ", ".join(
+            f"{k} {original[key]['rate']}" for k, key in (("harmful", "refusal_rate_harmful"),
+                                                          ("harmless", "refusal_rate_harmless"),
+                                                          ("overrefusal", "overrefusal_rate"))))
     for name, v in progress.items():
         done = ", ".join(f"{R.budget_label(cfg, m)}" for m in v["milestones"]) or "none"
         print(f"{name}: milestones trained {done} (target {R.budget_label(cfg, v['target_step'])})"
@@ -208,7 +217,7 @@ def cmd_progress(a: argparse.Namespace) -> int:
         doc = {"profile": cfg["profile"], "read_at_commit": git_commit(),
                "note": "read from the run cache by `refusal-rank progress --write`, completed by this file's earlier "
                        "entries that the cache lacks (each marked carried_from_commit); notebook 03 gathers the same "
-                       "entries into summary.json", "variants": progress}
+                       "entries into summary.json", "original": original, "variants": progress}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")
     return 0

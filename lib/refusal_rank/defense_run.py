@@ -584,6 +584,30 @@ def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None
     return out
 
 
+def original_rates(cfg: dict[str, Any], sets) -> dict[str, Any] | None:
+    """The original model's refusal rates on the three test sets, read from its cached completions (no model
+    is loaded), as every checkpoint's measurement compares against them; None until all three are cached.
+    The dtype is said beside them: a profile whose dtype is "auto" measures the original anew on a CPU that
+    resolves it otherwise."""
+    from types import SimpleNamespace
+
+    from .pipeline import completions_path, rates_by_source, read_completions
+
+    keys = {"harmful": "refusal_rate_harmful", "harmless": "refusal_rate_harmless", "overrefusal": "overrefusal_rate"}
+    stand_in = SimpleNamespace(name=cfg["model"]["name"], edit="")
+    out: dict[str, Any] = {"dtype": cfg["model"]["dtype"]}
+    for name, prompts in sets.items():
+        path = completions_path(cfg, stand_in, prompts)
+        if not path.is_file():
+            return None
+        try:
+            comps = read_completions(path, len(prompts))
+        except FileNotFoundError:  # still being generated
+            return None
+        out[keys[name]] = rates_by_source(cfg, prompts, comps)
+    return out
+
+
 def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
                    dir_dtypes: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """``current`` (``queue_progress`` of this machine's cache) completed by a committed progress file.
