@@ -155,6 +155,8 @@ def test_screen_k1_completions_are_read_back_without_a_model(cfg, tiny):
     spec.loader.exec_module(js)
     rows = js.from_screen(c, 3, ["kl_only@1"])
     assert [r["model"] for r in rows] == ["kl_only@1x attacked"] * 3 and len({r["id"] for r in rows}) == 3
+    assert {r["checkpoint"] for r in rows} == {model.name} and {r["dtype"] for r in rows} == {c["model"]["dtype"]}
+    assert all(r["id"].startswith(f"kl_only@1x attacked:{model.name.rpartition(':')[2]}:") for r in rows)
     assert all(r["completion"] == got[[p.id for p in sets.harmful].index(r["prompt_id"])]["text"] for r in rows)
     # a budget-curve variant measured below its target is named by its step (kl_only@1)
     assert P.completions_path(c, js.stand_in(c, "kl_only@1", None), sets.harmless) == P.completions_path(c, model, sets.harmless)

@@ -92,7 +92,10 @@ def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict
 def from_screen(cfg: dict, per_model: int, checkpoints: list[str]) -> list[dict]:
     """A seeded sample of ``per_model`` harmful-test completions of each checkpoint (``variant@step``, e.g.
     ``defended@70``) under the attack screen's re-selected K=1 attack, read from the caches
-    (``defense_run.screen_k1_completions``); rows are named "<variant>@<Nx> attacked"."""
+    (``defense_run.screen_k1_completions``); rows are named "<variant>@<Nx> attacked". Each row also names
+    its ``checkpoint`` (the cache name, with the snapshot's digest) and ``dtype``, and its id carries the
+    digest: a variant retrained elsewhere (bf16 instead of float32, say) is another model, whose rows never
+    collide with the earlier ones."""
     from refusal_rank import defense_run as R
 
     sets = P.test_sets(cfg)
@@ -103,9 +106,12 @@ def from_screen(cfg: dict, per_model: int, checkpoints: list[str]) -> list[dict]
             raise SystemExit(f"--from-screen takes variant@step (e.g. defended@70), not {spec!r}")
         comps = R.screen_k1_completions(cfg, name, step, sets)
         model = f"{name}@{R.budget_label(cfg, step)} attacked"
+        checkpoint = R.variant_model_name(cfg, name, step)
+        digest = checkpoint.rpartition(":")[2]
         idx = list(range(len(comps)))
         random.Random(f"judge-screen-{spec}").shuffle(idx)
-        out += [{"id": f"{model}:{sets.harmful[i].id}", "model": model, "set": "harmful", "attack": "k1_reselected",
+        out += [{"id": f"{model}:{digest}:{sets.harmful[i].id}", "model": model, "checkpoint": checkpoint,
+                 "dtype": cfg["model"]["dtype"], "set": "harmful", "attack": "k1_reselected",
                  "prompt_id": sets.harmful[i].id, "prompt": sets.harmful[i].text, "completion": comps[i]["text"]}
                 for i in idx[:per_model]]
     return out
