@@ -193,20 +193,14 @@ def cmd_progress(a: argparse.Namespace) -> int:
     committed = json.loads(out.read_text()) if out.is_file() else None
     if committed is not None and committed.get("profile") != cfg["profile"]:
         committed = None
-    dir_dtypes = {}  # which dtype a committed run's folder name stands for (a CPU resolves dtype "auto" by its kind)
-    for dtype in ("float32", "bfloat16", "float16"):
-        other = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
-        dir_dtypes.update({R.variant_dir_name(other, n): dtype for n in progress})
-    progress, notes = R.merge_progress(committed, progress, dir_dtypes)  # a new machine's empty cache erases nothing
+    # a new machine's empty cache erases nothing; a committed run of another dtype is kept apart
+    progress, notes = R.merge_progress(committed, progress, R.dir_dtypes(cfg, list(progress)))
     for line in notes:
         print(line)
     if original is None and committed is not None:
         original = committed.get("original")  # a new machine's cache lacks it: the committed one, with its dtype
     if original is not None:
-        print(f"original ({original['dtype']}): " + ", ".join(
-            f"{k} {original[key]['rate']}" for k, key in (("harmful", "refusal_rate_harmful"),
-                                                          ("harmless", "refusal_rate_harmless"),
-                                                          ("overrefusal", "overrefusal_rate"))))
+        print(f"original ({original['dtype']}): " + ", ".join(f"{k} {original[key]['rate']}" for k, key in P.RATE_KEYS.items()))
     for name, v in progress.items():
         done = ", ".join(f"{R.budget_label(cfg, m)}" for m in v["milestones"]) or "none"
         print(f"{name}: milestones trained {done} (target {R.budget_label(cfg, v['target_step'])})"

@@ -80,6 +80,16 @@ def variant_dir_name(cfg: dict[str, Any], name: str) -> str:
     return f"{name}-{key}"
 
 
+def dir_dtypes(cfg: dict[str, Any], names: Sequence[str]) -> dict[str, str]:
+    """Folder name -> dtype, for these variants under every concrete dtype the config accepts: which dtype a
+    committed run's folder stands for (a CPU resolves ``dtype = "auto"`` by its kind, and the dtype is part of
+    the folder's key)."""
+    from .config_schema import DTYPES
+
+    return {variant_dir_name({**cfg, "model": {**cfg["model"], "dtype": dtype}}, n): dtype
+            for dtype in DTYPES if dtype != "auto" for n in names}
+
+
 def check_prompt_texts(cfg: dict[str, Any], name: str, out: Path) -> None:
     """A variant's directory is keyed by its training prompts' ids (the key of the variants trained before
     prompt texts entered cache keys); the digest of their texts is kept beside the weights
@@ -591,25 +601,21 @@ def original_rates(cfg: dict[str, Any], sets) -> dict[str, Any] | None:
     resolves it otherwise."""
     from types import SimpleNamespace
 
-    from .pipeline import completions_path, rates_by_source, read_completions
+    from .pipeline import RATE_KEYS, completions_path, rates_by_source, read_completions
 
-    keys = {"harmful": "refusal_rate_harmful", "harmless": "refusal_rate_harmless", "overrefusal": "overrefusal_rate"}
     stand_in = SimpleNamespace(name=cfg["model"]["name"], edit="")
     out: dict[str, Any] = {"dtype": cfg["model"]["dtype"]}
     for name, prompts in sets.items():
-        path = completions_path(cfg, stand_in, prompts)
-        if not path.is_file():
-            return None
         try:
-            comps = read_completions(path, len(prompts))
-        except FileNotFoundError:  # still being generated
+            comps = read_completions(completions_path(cfg, stand_in, prompts), len(prompts))
+        except FileNotFoundError:  # not generated yet, or not finished
             return None
-        out[keys[name]] = rates_by_source(cfg, prompts, comps)
+        out[RATE_KEYS[name]] = rates_by_source(cfg, prompts, comps)
     return out
 
 
 def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
-                   dir_dtypes: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+                   dtype_of_dir: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """``current`` (``queue_progress`` of this machine's cache) completed by a committed progress file.
 
     A queue of many sessions may lose its cache (a new machine): writing the progress file from the cache
@@ -620,8 +626,8 @@ def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
     differing snapshot sha256 is reported: a retrained checkpoint that is not bitwise the same. A committed
     variant trained under another configuration (the same profile on a machine whose CPU resolved ``dtype =
     "auto"`` otherwise, say) is not a measurement of the current one, but it was measured: it is kept apart,
-    under ``other_configurations``, by folder name, with its dtype where ``dir_dtypes`` (folder name -> dtype)
-    knows it. Returns the merged variants and one line per carried entry, kept run or mismatch."""
+    under ``other_configurations``, by folder name, with its dtype where ``dtype_of_dir`` (folder name -> dtype,
+    :func:`dir_dtypes`) knows it. Returns the merged variants and one line per carried entry, kept run or mismatch."""
     out = json.loads(json.dumps(current))
     notes: list[str] = []
     if not committed:
@@ -637,7 +643,7 @@ def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
         if old.get("dir") != new["dir"]:
             if old.get("budget") or "training" in old:
                 kept = {k: old[k] for k in ("training", "moments", "budget") if old.get(k)}
-                dtype = (dir_dtypes or {}).get(old["dir"])
+                dtype = (dtype_of_dir or {}).get(old["dir"])
                 kept = {**({"dtype": dtype} if dtype else {}), "read_at_commit": commit, **kept}
                 new.setdefault("other_configurations", {}).setdefault(old["dir"], kept)
                 notes.append(f"{name}: the committed run {old['dir']} was trained under another configuration"

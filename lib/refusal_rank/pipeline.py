@@ -316,16 +316,19 @@ def rates_by_source(cfg, prompts: Sequence[D.Prompt], comps: Sequence[dict[str, 
     return out
 
 
+RATE_KEYS = {"harmful": "refusal_rate_harmful", "harmless": "refusal_rate_harmless", "overrefusal": "overrefusal_rate"}
+"""Each test set's refusal-rate key in an evaluation (summary.json, budget entries, the progress file)."""
+
+
 def evaluate_model(cfg, bundle, sets: TestSets, base_harmless: list[dict[str, Any]] | None,
                    base_lp_harmless: torch.Tensor | None, label: str = "base") -> dict[str, Any]:
     """Refusal rates on the three test sets, and (against the original) first-token KL and CE on harmless."""
     e = cfg["eval"]
     res: dict[str, Any] = {"completions": {}}
-    keys = {"harmful": "refusal_rate_harmful", "harmless": "refusal_rate_harmless", "overrefusal": "overrefusal_rate"}
     for name, prompts in sets.items():
         comps = completions(cfg, bundle, prompts, desc=f"{label} {name}")
         res["completions"][name] = comps
-        res[keys[name]] = rates_by_source(cfg, prompts, comps)
+        res[RATE_KEYS[name]] = rates_by_source(cfg, prompts, comps)
     if base_lp_harmless is not None:
         lp = logprobs_cached(cfg, bundle, sets.harmless, desc="KL harmless")
         res["kl_harmless"] = mean_with_ci(kl_rows(base_lp_harmless, lp).tolist(), e["n_boot"], cfg["seed"])
