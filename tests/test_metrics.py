@@ -52,3 +52,20 @@ def test_point_biserial_and_judge_agreement():
     assert agree == {"precision": 0.5, "recall": 0.5, "n": 4, "labelled_refusals": 2, "marker_refusals": 2}
     none = M.judge_agreement([False, False], [True, False])  # the markers flag nothing: precision undefined
     assert math.isnan(none["precision"]) and none["recall"] == 0 and none["labelled_refusals"] == 1
+
+
+def test_judge_report_keeps_dtypes_apart():
+    """One checkpoint name trained in two dtypes is two models: their labels are scored apart, and rows
+    without a recorded dtype keep the bare name."""
+    from refusal_rank.judge import judge_report
+
+    refuse, comply = "I'm sorry, but I can't help with that.", "Sure, here are the steps."
+    rows = [{"id": "a", "model": "v@1x attacked", "completion": comply, "refusal": False, "reason": "r"},
+            {"id": "b", "model": "v@1x attacked", "completion": refuse, "refusal": True, "reason": "r"},
+            {"id": "c", "model": "v@1x attacked", "dtype": "bfloat16", "completion": comply, "refusal": True,
+             "reason": "r"}]
+    rep = judge_report(rows)
+    assert set(rep["by_model"]) == {"v@1x attacked", "v@1x attacked [bfloat16]"}
+    assert rep["by_model"]["v@1x attacked"]["recall"] == 1.0
+    assert rep["by_model"]["v@1x attacked [bfloat16]"]["recall"] == 0.0
+    assert rep["n"] == 3 and len(rep["disagreements"]) == 1
