@@ -56,6 +56,8 @@ def test_progress_of_an_empty_cache_lists_every_variant_and_writes_its_file(tmp_
     assert all(f"{n}: milestones trained none" in out for n in names)
     doc = json.loads((tmp_path / "results" / "tiny" / "queue_progress.json").read_text())
     assert list(doc["variants"]) == names and doc["profile"] == "tiny"
+    defense = tmp_path / "cache" / "runs" / "tiny" / "defense"  # reading leaves no empty variant folder behind
+    assert not defense.exists() or not any(defense.iterdir())
     # a committed measurement outlives a new, empty cache: written again, the file still holds it, marked
     entry = {"step": 1, "snapshot_sha256": "a" * 64, "refusal_rate_harmful": {"rate": 0.5}, "screen": None}
     doc["variants"][names[0]]["budget"]["1x"] = entry

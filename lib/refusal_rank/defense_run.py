@@ -21,7 +21,7 @@ from . import data as D
 from .config import config_hash
 from .generation import cache_key
 from .models import ModelBundle, bundle_from_pretrained, checkpoint_dir, save_verified, verify_manifest
-from .results import run_cache
+from .results import run_cache, run_cache_path
 from .training import (TeacherCache, TrainState, Variant, attach_lora, load_snapshot, milestone_steps, snapshot_digest, snapshot_path,
                        teacher_cache, train)
 
@@ -52,6 +52,11 @@ MOMENT_CODE = "batch-moments+teacher-spread"
 def variant_dir(cfg: dict[str, Any], name: str) -> Path:
     """A variant's folder in the run cache (created): :func:`variant_dir_name` under ``defense/``."""
     return run_cache(cfg, "defense", variant_dir_name(cfg, name))
+
+
+def variant_path(cfg: dict[str, Any], name: str) -> Path:
+    """The same folder as :func:`variant_dir`, not created: for the code that only reads it."""
+    return run_cache_path(cfg, "defense", variant_dir_name(cfg, name))
 
 
 def variant_dir_name(cfg: dict[str, Any], name: str) -> str:
@@ -138,7 +143,7 @@ def target_step(cfg: dict[str, Any], name: str) -> int:
 
 def reached_milestones(cfg: dict[str, Any], name: str) -> list[int]:
     """The milestones whose snapshot exists for this variant (in step order)."""
-    out = variant_dir(cfg, name)
+    out = variant_path(cfg, name)
     return [m for m in milestone_steps(cfg["defense"]["train"]) if snapshot_path(out / "ckpt.pt", m).is_file()]
 
 
@@ -263,7 +268,7 @@ def variant_model_name(cfg: dict[str, Any], name: str, step: int) -> str:
     """A variant's model name at a milestone, which keys every cache of what that model computes. The
     snapshot's digest is part of it: a variant retrained under the same folder is a new model, never one
     whose completions are reused."""
-    vdir = variant_dir(cfg, name)
+    vdir = variant_path(cfg, name)
     digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step)) or "unverified"
     return f"{vdir.name}@{step}:{digest[:12]}"
 
@@ -467,7 +472,7 @@ def checkpoint_eval_path(cfg: dict[str, Any], name: str, step: int, sets) -> Pat
     exactly this config."""
     from .pipeline import CACHE_VERSION, prompt_key
 
-    vdir = variant_dir(cfg, name)
+    vdir = variant_path(cfg, name)
     digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step))
     if digest is None:
         return None
@@ -495,8 +500,8 @@ def checkpoint_moment_diagnostics(cfg: dict[str, Any], name: str, step: int) -> 
     n = int(tcfg.get("diag_prompts", 0))
     if n < 2:
         raise ValueError(f"defense.train.diag_prompts is {n} in {cfg['_path']}: the diagnostics need >= 2 prompts a class")
-    if step and not snapshot_path(variant_dir(cfg, name) / "ckpt.pt", step).is_file():  # before any model loads
-        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {variant_dir(cfg, name)}: train it first.")
+    if step and not snapshot_path(variant_path(cfg, name) / "ckpt.pt", step).is_file():  # before any model loads
+        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {variant_path(cfg, name)}: train it first.")
     original = load_model(cfg)
     layers = defense_layers(cfg, original.n_layers)
     # the teacher is the original's, whatever is measured: read (or computed) before any variant is loaded
@@ -572,7 +577,7 @@ def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None
 
     out: dict[str, Any] = {}
     for name in names or default_variants(cfg):
-        vdir = variant_dir(cfg, name)
+        vdir = variant_path(cfg, name)
         entry: dict[str, Any] = {"dir": vdir.name, "dtype": cfg["model"]["dtype"], "target_step": target_step(cfg, name),
                                  "milestones": reached_milestones(cfg, name), "budget": {}, "unmeasured": []}
         record_path = vdir / "record.json"

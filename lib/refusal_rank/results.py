@@ -177,10 +177,17 @@ def run_cache(cfg: dict[str, Any], *parts: str) -> Path:
     """The per-profile run cache (``<cache root>/runs/<profile>/...``, outside the work tree so that it
     survives a fresh clone on the same machine; ``run_all.sh --fresh`` empties it, ``--fresh --only NN``
     only what notebook NN produced, see :func:`note_product`)."""
+    d = run_cache_path(cfg, *parts)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def run_cache_path(cfg: dict[str, Any], *parts: str) -> Path:
+    """:func:`run_cache`'s path without creating it: for code that only reads (a progress report run on a
+    fresh machine must not leave empty folders behind)."""
     d = cache_root() / "runs" / cfg["profile"]
     for part in parts:
         d = d / part
-    d.mkdir(parents=True, exist_ok=True)
     return d
 
 
