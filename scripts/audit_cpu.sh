@@ -47,11 +47,11 @@ PY
 VARIANTS=$("$PY" - "$PROFILE" <<'PY'
 import sys
 from refusal_rank.config import load_config
-from refusal_rank.defense_run import default_variants, target_step, variant_dir
+from refusal_rank.defense_run import default_variants, target_step, variant_path
 from refusal_rank.training import snapshot_path
 cfg = load_config(sys.argv[1])
 names = list(dict.fromkeys(default_variants(cfg) + list(cfg["defense"].get("budget_curve") or [])))
-print(" ".join(v for v in names if snapshot_path(variant_dir(cfg, v) / "ckpt.pt", target_step(cfg, v)).is_file()))
+print(" ".join(v for v in names if snapshot_path(variant_path(cfg, v) / "ckpt.pt", target_step(cfg, v)).is_file()))
 PY
 )
 for v in $VARIANTS; do

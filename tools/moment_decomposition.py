@@ -43,9 +43,10 @@ def main() -> None:
     out_path = results_dir(cfg["profile"]) / "moment_decomposition.json"
     doc = json.loads(out_path.read_text()) if out_path.is_file() else {"profile": cfg["profile"], "variants": {}}
     for name in names:
-        entry = doc["variants"].setdefault(name, {"dir": R.variant_dir(cfg, name).name, "steps": {}})
+        vdir = R.variant_path(cfg, name)
+        entry = doc["variants"].setdefault(name, {"dir": vdir.name, "steps": {}})
         for step in [0, *R.reached_milestones(cfg, name)]:
-            digest = snapshot_digest(snapshot_path(R.variant_dir(cfg, name) / "ckpt.pt", step)) if step else "original"
+            digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step)) if step else "original"
             if entry["steps"].get(str(step), {}).get("snapshot_sha256") == digest:
                 continue
             print(f"== {name} at step {step}", flush=True)

@@ -79,7 +79,7 @@ def profile_models(cfg: dict[str, Any]) -> list[str]:
 def export_variant(cfg: dict[str, Any], spec: str) -> Checkpoint:
     """A notebook-03 variant as the checkpoint one would ship: the original with the variant's snapshot at a
     milestone merged in (``defense_run.load_variant``), saved once with its manifest under the cache."""
-    from .defense_run import load_variant, target_step, variant_dir
+    from .defense_run import load_variant, target_step, variant_dir_name
     from .models import save_verified, verify_manifest
 
     name, _, at = spec.partition("@")
@@ -87,7 +87,7 @@ def export_variant(cfg: dict[str, Any], spec: str) -> Checkpoint:
         step = int(at) if at else target_step(cfg, name)
     except ValueError:
         raise AuditError(f"{spec}: the step after @ must be a milestone number of [defense.train].") from None
-    out = cache_root() / "audit" / cfg["profile"] / f"{variant_dir(cfg, name).name}@{step}"
+    out = cache_root() / "audit" / cfg["profile"] / f"{variant_dir_name(cfg, name)}@{step}"
     if not (out.is_dir() and verify_manifest(out)):
         try:
             bundle = load_variant(cfg, name, step)

@@ -453,7 +453,7 @@ def checkpoint_eval(cfg: dict[str, Any], name: str, step: int, sets, base_harmle
     path = checkpoint_eval_path(cfg, name, step, sets)
     if path is None:
         raise FileNotFoundError(f"variant {name!r} has no verified snapshot at step {step} in "
-                                f"{variant_dir(cfg, name)}: train it first.")
+                                f"{variant_path(cfg, name)}: train it first.")
 
     def compute() -> dict[str, Any]:
         model = load_variant(cfg, name, step)
@@ -500,8 +500,9 @@ def checkpoint_moment_diagnostics(cfg: dict[str, Any], name: str, step: int) -> 
     n = int(tcfg.get("diag_prompts", 0))
     if n < 2:
         raise ValueError(f"defense.train.diag_prompts is {n} in {cfg['_path']}: the diagnostics need >= 2 prompts a class")
-    if step and not snapshot_path(variant_path(cfg, name) / "ckpt.pt", step).is_file():  # before any model loads
-        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {variant_path(cfg, name)}: train it first.")
+    vdir = variant_path(cfg, name)
+    if step and not snapshot_path(vdir / "ckpt.pt", step).is_file():  # before any model loads
+        raise FileNotFoundError(f"variant {name!r} has no snapshot at step {step} in {vdir}: train it first.")
     original = load_model(cfg)
     layers = defense_layers(cfg, original.n_layers)
     # the teacher is the original's, whatever is measured: read (or computed) before any variant is loaded
