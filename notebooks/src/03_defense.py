@@ -168,7 +168,9 @@ show
 #
 # Which variants go on to 8x is `[defense] budget_curve`: `kl_only`, `defended`, and the moment variant that
 # resisted the re-selected K = 1 attack best at 1x (its harmful refusal rate under the attack, then its ablated
-# val score), chosen from the 1x screens before any longer run started; the config's comment names it.
+# val score), chosen from the 1x screens before any longer run started; on `cpu` also `ablation_aware`, the
+# one variant the K = 1 attack left above the threshold at 1x, so that the curve asks whether budget raises K
+# where K is above 1. The config's comment names them and why.
 
 # %%
 base = load_model(cfg)
