@@ -116,3 +116,37 @@ def test_k1_export_carries_a_model_card(tiny_cfg, tiny, tmp_path):
     P.export_check(tiny_cfg, tiny, u, [Prompt("x", "Say hello.", "harmless")], tmp_path / "k1")
     card = (tmp_path / "k1" / "README.md").read_text()
     assert "rank-1 refusal ablation" in card and "- **rank**: 1" in card and "orthogonalisation" in card
+
+
+def test_head_input_gets_row_major_strides_at_batch_one():
+    """The batch-1 last-token slice counts as contiguous to torch but keeps a batch stride of P x d, which
+    makes the unembedding's matmul copy its whole weight; the head's pre-hook must hand it row-major strides."""
+    import torch
+
+    from refusal_rank.models import canonical_strides, contiguous_head_input
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 5, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    toy = Toy()
+    contiguous_head_input(toy)
+    contiguous_head_input(toy)  # registering twice keeps one hook
+    seen = []
+    toy.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    for b in (1, 3):
+        h = torch.randn(b, 6, 8)
+        x = h[:, -1:, :]
+        assert x.stride() == (48, 8, 1)
+        out = toy.head(x)
+        assert seen[-1].stride() == (8, 8, 1)
+        torch.testing.assert_close(out, x @ toy.head.weight.T)
+    assert len(toy.head._forward_pre_hooks) == 2
+    y = torch.randn(2, 3, 4)
+    assert canonical_strides(y) is y  # row-major already: no copy
+    t = torch.randn(4, 3).T
+    assert canonical_strides(t).stride() == (4, 1) and torch.equal(canonical_strides(t), t)
