@@ -14,7 +14,9 @@ It reports the rows' own tokens a second (as if each prompt ran alone: the unit 
 and the FLOPs of the positions actually computed (4 x parameters a token for LoRA: forward plus the
 backward pass into the activations; 2 x for the moment terms' forward-only pass; padding included, a shared
 prefix counted once) as a fraction of the matmul peak of the profile's dtype, measured at
-the start and the end of the same run (the larger of the two is used). Writes ``training`` into
+the start and the end of the same run (the larger of the two is used), and around each setting's own
+timed steps (its local peak: the machine's speed drifts within minutes, so the ``*_at_equal_peak``
+speedups compare the settings' tokens a second each over its local peak). Writes ``training`` into
 results/<profile>/bench.json. It also prints the moment terms of the first step beside their noise floor
 on the real model. A benchmark, not a test: time only what runs alone.
 """
@@ -45,7 +47,12 @@ def run_setting(cfg, lora: dict, tcfg: dict, harm, ok, layers, steps: int, workd
     ck = workdir / f"r{lora['r']}-m{t['micro_batches']}-s{int(bool(t.get('share_prefix')))}.pt"
     state = train(bundle, v, t, harm, ok, teacher, layers, ck, stop_at=1, log=lambda *_: None)  # warm-up step, not timed (checkpointed, then resumed)
     s0, tok0, pad0, comp0, mom0 = state.seconds, state.tokens, state.padded_tokens, state.computed_tokens, state.moment_tokens
+    # this machine's speed drifts within minutes (a 758 -> 1006 GFLOP/s peak in one 4-minute run), so each
+    # setting also gets the peak measured just before and after its own timed steps
+    dtype = next(bundle.model.parameters()).dtype
+    local = [matmul_peak_gflops(dtype, n=1024)]
     state = train(bundle, v, t, harm, ok, teacher, layers, ck, log=lambda *_: None)
+    local.append(matmul_peak_gflops(dtype, n=1024))
     secs, toks, pads = state.seconds - s0, state.tokens - tok0, state.padded_tokens - pad0
     flops_tok = 2 * forward_flops_per_token(bundle.model)  # ~4 x parameters
     comp = state.computed_tokens - comp0
@@ -57,6 +64,7 @@ def run_setting(cfg, lora: dict, tcfg: dict, harm, ok, layers, steps: int, workd
             "seconds_per_step": round(secs / steps, 2), "moment_tokens": mom,
             "gflops": round((comp + mom / 2) / secs * flops_tok / 1e9, 2),
             "effective_gflops": round(toks / secs * flops_tok / 1e9, 2),
+            "local_peak_gflops": round(sum(local) / 2, 2), "local_peak_before_after": [round(x, 2) for x in local],
             "first_step_terms": {k: round(v, 5) for k, v in state.history[0].items() if k in ("cov", "cov_null", "lm", "kd")}}
 
 
@@ -92,6 +100,7 @@ def main() -> None:
     for r in (before, unshared, after):
         r["fraction_of_peak"] = round(r["gflops"] / peak, 4)  # of what was computed: the hardware's use
         r["effective_fraction_of_peak"] = round(r["effective_gflops"] / peak, 4)  # of the rows' own tokens
+        r["effective_fraction_of_local_peak"] = round(r["effective_gflops"] / r["local_peak_gflops"], 4)
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
     machine = {"cpu": next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), "unknown"),
                "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
@@ -99,6 +108,9 @@ def main() -> None:
            "per_class": a.per_class, "before": before, "unshared": unshared, "after": after,
            "step_speedup": round(before["seconds_per_step"] / after["seconds_per_step"], 3),
            "share_prefix_speedup": round(unshared["seconds_per_step"] / after["seconds_per_step"], 3),
+           # the same ratios with each setting's time scaled to one machine speed (its local peak)
+           "step_speedup_at_equal_peak": round(after["effective_fraction_of_local_peak"] / before["effective_fraction_of_local_peak"], 3),
+           "share_prefix_speedup_at_equal_peak": round(after["effective_fraction_of_local_peak"] / unshared["effective_fraction_of_local_peak"], 3),
            "created": time.strftime("%Y-%m-%d %H:%M")}
     path = results_dir(cfg["profile"]) / "bench.json"
     bench = json.loads(path.read_text()) if path.is_file() else {}
