@@ -1,6 +1,6 @@
 """This project's generation against plain ``model.generate``, side by side in one run, at the same batch.
 
-    python benchmarks/bench_generation.py --profile cpu [--batch 32] [--n 64] [--new-tokens 256] [--big-batch 64]
+    python benchmarks/bench_generation.py --profile cpu [--batch 32] [--n 80] [--new-tokens 256] [--big-batch 64]
 
 Workloads: the sweep's deciding pair on the harmful test prompts, i.e. the original model with notebook
 01's direction ablated (mostly compliant: long completions) and the original itself (mostly refusals),
@@ -9,11 +9,16 @@ each generated greedily at ``--new-tokens`` tokens
 * by plain ``model.generate`` (the reference),
 * by our loop in full mode (static cache, ended rows dropped): its token ids are compared with generate's,
 * by our loop in verdict mode (also stops a row at its first refusal marker, what the sweep runs for
-  every verdict-only generation): its marker verdicts are compared with generate's completions'.
+  every verdict-only generation): its marker verdicts are compared with generate's completions',
+* by the refilled loop in verdict mode (``generation.greedy_refill``: a slot freed by an ended row takes
+  the next prompt at once, so every decode step carries a full batch while prompts remain).
+
+The default prompt count is the sweep's harmful test set (what it generates at every K).
 
 The speed is the same job's: the completion tokens generate delivers (up to EOS) divided by each wall
 time, so ``ratio`` is generate's time over ours. ``generation`` in results/<profile>/bench.json holds
-the verdict mode against generate over both workloads (and each workload, the full mode, and our loop at
+the profile's engine (``eval.gen_engine``: the batch loop or refill) in verdict mode against generate
+over both workloads, both engines apart (and each workload, the full mode, and our loop at
 ``--big-batch``, reported apart). Other keys of bench.json are kept. Numbers vary by machine.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from refusal_rank import data as D
 from refusal_rank.ablation import orthogonalized
 from refusal_rank.activations import encode, length_batches
 from refusal_rank.config import load_config, results_dir
-from refusal_rank.generation import _eos_ids, greedy_kwargs, greedy_loop
+from refusal_rank.generation import _eos_ids, greedy_kwargs, greedy_loop, greedy_refill
 from refusal_rank.metrics import is_refusal
 from refusal_rank.models import load_model
 
@@ -42,6 +47,10 @@ def run(bundle, prompts, batch, new_tokens, mode, cache):
     eos = _eos_ids(bundle)
     out, stats = [None] * len(prompts), {}
     t = time.perf_counter()
+    if mode == "refill":  # every prompt through one loop whose freed slots take the next prompt (verdict mode)
+        with torch.inference_mode():
+            out = greedy_refill(bundle, prompts, batch, new_tokens, stop_on_refusal=True, stats=stats)
+        return out, time.perf_counter() - t, stats.get("steps_rows")
     with torch.inference_mode():
         for idx in length_batches(bundle, prompts, batch):
             enc = encode(bundle, [prompts[i] for i in idx])
@@ -60,12 +69,16 @@ def workload(bundle, prompts, a, cache):
     ref, t_ref, _ = run(bundle, prompts, a.batch, a.new_tokens, "generate", cache)
     full, t_full, _ = run(bundle, prompts, a.batch, a.new_tokens, "full", cache)
     ver, t_ver, steps = run(bundle, prompts, a.batch, a.new_tokens, "verdict", cache)
+    rf, t_rf, steps_rf = run(bundle, prompts, a.batch, a.new_tokens, "refill", cache)
     tokens = sum(len(r) for r in ref)
     v_ref = [is_refusal(dec(r)) for r in ref]
     v_ver = [is_refusal(dec(r)) for r in ver]
+    v_rf = [is_refusal(dec(r)) for r in rf]
     res = {"n": len(prompts), "tokens": tokens, "generate_s": round(t_ref, 2), "ours_full_s": round(t_full, 2),
            "ours_verdict_s": round(t_ver, 2), "ours_verdict_row_steps": steps,
+           "refill_verdict_s": round(t_rf, 2), "refill_verdict_row_steps": steps_rf,
            "full_ids_equal": sum(a_ == b for a_, b in zip(full, ref)), "verdicts_equal": sum(a_ == b for a_, b in zip(v_ver, v_ref)),
+           "refill_verdicts_equal": sum(a_ == b for a_, b in zip(v_rf, v_ref)),
            "refusal_rate": round(sum(v_ref) / len(v_ref), 4)}
     if a.big_batch:
         _, t_big, _ = run(bundle, prompts, a.big_batch, a.new_tokens, "verdict", cache)
@@ -77,14 +90,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default=None)
     ap.add_argument("--batch", type=int, default=None, help="default: the profile's eval.gen_batch_size")
-    ap.add_argument("--n", type=int, default=None, help="harmful test prompts (default: 2 batches)")
+    ap.add_argument("--n", type=int, default=None, help="harmful test prompts (default: the sweep's test set, 2 x sweep.n_test_per_source)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: the profile's eval.verdict_new_tokens")
     ap.add_argument("--big-batch", type=int, default=0, help="also time our verdict mode at this batch (0: skip)")
     a = ap.parse_args()
     cfg = load_config(a.profile)
     a.batch = a.batch or cfg["eval"]["gen_batch_size"]
     a.new_tokens = a.new_tokens or cfg["eval"]["verdict_new_tokens"]
-    n = a.n or 2 * a.batch
+    n = a.n or 2 * cfg["sweep"]["n_test_per_source"]  # the sweep's harmful test set: the job it runs at every K
     bundle = load_model(cfg)
     cache = cfg["eval"]["gen_cache"]
     prompts = [p.text for p in D.split_prompts("harmful_test", n // 2 + n % 2, cfg["seed"], per_source=True)][:n]
@@ -102,17 +115,25 @@ def main() -> None:
     loads["original"] = workload(bundle, prompts, a, cache)
     tokens = sum(w["tokens"] for w in loads.values())
     t_gen = sum(w["generate_s"] for w in loads.values())
-    t_ours = sum(w["ours_verdict_s"] for w in loads.values())
+    t_loop = sum(w["ours_verdict_s"] for w in loads.values())
+    t_rf = sum(w["refill_verdict_s"] for w in loads.values())
     t_full = sum(w["ours_full_s"] for w in loads.values())
-    gen = {"ours_tokens_per_s": round(tokens / t_ours, 2), "generate_tokens_per_s": round(tokens / t_gen, 2),
+    engine = cfg["eval"]["gen_engine"]
+    t_ours, eq_key = (t_rf, "refill_verdicts_equal") if engine == "refill" else (t_loop, "verdicts_equal")
+    gen = {"engine": engine, "ours_tokens_per_s": round(tokens / t_ours, 2), "generate_tokens_per_s": round(tokens / t_gen, 2),
            "ratio": round(t_gen / t_ours, 3), "batch": a.batch, "new_tokens": a.new_tokens, "n_per_workload": len(prompts),
            "cache": cache, "threads": torch.get_num_threads(),
-           "verdicts_equal": sum(w["verdicts_equal"] for w in loads.values()), "verdicts": 2 * len(prompts),
+           "verdicts_equal": sum(w[eq_key] for w in loads.values()), "verdicts": 2 * len(prompts),
+           "batch_loop": {"tokens_per_s": round(tokens / t_loop, 2), "ratio": round(t_gen / t_loop, 3),
+                          "verdicts_equal": sum(w["verdicts_equal"] for w in loads.values())},
+           "refill": {"tokens_per_s": round(tokens / t_rf, 2), "ratio": round(t_gen / t_rf, 3),
+                      "verdicts_equal": sum(w["refill_verdicts_equal"] for w in loads.values())},
            "full_mode": {"tokens_per_s": round(tokens / t_full, 2), "ratio": round(t_gen / t_full, 3),
                          "ids_equal": sum(w["full_ids_equal"] for w in loads.values())},
            "workloads": loads,
            "note": "same job for both: the completion tokens plain generate delivers up to EOS, over each wall time; "
-                   "ours = verdict mode (ended rows dropped, rows stopped at their first refusal marker, static cache)"}
+                   "ours = the profile's engine in verdict mode (rows stopped at their first refusal marker, static cache): "
+                   "batch_loop drops ended rows of a length-sorted batch, refill also gives each freed slot the next prompt"}
     if a.big_batch:
         t_big = sum(w["ours_verdict_big_batch_s"] for w in loads.values())
         gen["larger_batch"] = {"batch": a.big_batch, "ours_tokens_per_s": round(tokens / t_big, 2), "ratio": round(t_gen / t_big, 3)}

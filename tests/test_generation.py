@@ -131,3 +131,54 @@ def test_stop_on_refusal_keeps_every_verdict(tiny, monkeypatch):
         assert f["ids"][:len(s["ids"])] == s["ids"]
         if not judge(f["text"]):
             assert s["ids"] == f["ids"]
+
+
+def test_refill_equals_plain_generate_with_rows_joining_and_the_cache_shifting(tiny):
+    """Refill at a batch smaller than the prompt count: freed slots take the next prompt, rows join at
+    different columns, and at batch 1 the write column passes the cache's end so the live columns shift
+    left. Every completion is still plain generate's, early-ending rows included."""
+    from refusal_rank.generation import greedy_refill
+
+    ref = _ids(generate(tiny, MIXED, 12, batch_size=6, engine="hf"))
+    for b in (1, 2, 4, 6, 8):
+        assert _ids(generate(tiny, MIXED, 12, batch_size=b, engine="refill")) == ref, b
+    stats, many = {}, MIXED * 3
+    assert greedy_refill(tiny, many, 1, 12, stats=stats) == ref * 3
+    assert stats["shifts"] >= 1  # at batch 1 the rows' spans add up past the cache: the shift was exercised
+    full = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
+    early = full[0]["ids"][2]
+    gc = tiny.model.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = [early]
+    try:
+        ref = _ids(generate(tiny, MIXED, 12, batch_size=6, engine="hf"))
+        stats, seen = {}, []
+        got = greedy_refill(tiny, MIXED, 2, 12, stats=stats, on_row=lambda i, ids: seen.append(i))
+    finally:
+        gc.eos_token_id = old
+    assert got == ref and any(len(r) < 12 for r in got)
+    assert sorted(seen) == list(range(len(MIXED)))  # each row reported once, as it ended
+    assert stats["steps_rows"] <= len(MIXED) * 13
+
+
+def test_refill_verdicts_and_cache_resume(tiny, monkeypatch, tmp_path):
+    """Verdict-only refill keeps every verdict of the full completions; its cache file resumes by row."""
+    import refusal_rank.generation as G
+
+    full = generate(tiny, MIXED, 16, batch_size=6)
+    text = full[1]["text"].lower()
+    marker = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 2) if text[i:i + 3].strip() == text[i:i + 3])
+    judge = lambda t, markers=None: marker in t.lower().replace("\u2019", "'")
+    monkeypatch.setattr(G, "is_refusal", judge)
+    path = tmp_path / "gen.jsonl"
+    short = generate(tiny, MIXED, 16, batch_size=2, stop_on_refusal=True, engine="refill", cache_file=path)
+    assert [judge(s["text"]) for s in short] == [judge(f["text"]) for f in full]
+    assert judge(short[1]["text"]) and len(short[1]["ids"]) < len(full[1]["ids"])
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(MIXED)
+    path.write_text("\n".join(lines[:3]) + "\n")  # an interrupted run: three rows written
+    calls = []
+    orig = G.greedy_refill
+    monkeypatch.setattr(G, "greedy_refill", lambda b, p, *a, **k: calls.append(len(p)) or orig(b, p, *a, **k))
+    again = generate(tiny, MIXED, 16, batch_size=2, stop_on_refusal=True, engine="refill", cache_file=path)
+    assert calls == [len(MIXED) - 3] and _ids(again) == _ids(short)

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar
 ESTIMATORS = ("iterated", "dim-svd", "pca-centered", "cov-diff", "inlp", "optimized")
 MODEL_SOURCES = ("tiny", "pypi_gguf", "hub")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-GEN_ENGINES = ("fast", "hf")
+GEN_ENGINES = ("fast", "refill", "hf")
 GEN_CACHES = ("static", "dynamic")
 MOMENT_SITES = ("pooled", "positions", "prompt")
 SIGNATURES = ("identical", "different_architecture", "abliteration", "rank1_projection", "low_rank", "dense")

@@ -10,7 +10,10 @@ against (the same token ids on the tiny model). The loop is faster at the same b
 * with ``stop_on_refusal`` a row also leaves once its text contains a refusal marker: the marker judge's
   verdict can no longer change (it is "contains any marker"), so the verdict is the same as that of the
   full completion while the rest of that completion is not computed. Such completions are verdict-only
-  (their text ends at the marker) and are cached apart from full ones.
+  (their text ends at the marker) and are cached apart from full ones;
+* with ``engine="refill"`` (:func:`greedy_refill`) a slot freed by an ended row takes the next prompt at
+  once, instead of the batch running on for its longest row: on the CPU a decode step costs about the
+  same at any batch size up to the configured one, so a full batch is where the steps are worth spending.
 
 Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
 finished batch is appended to a JSONL file keyed by everything that determines the output, so an
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from .progress import tqdm
@@ -30,7 +33,7 @@ from .activations import ActAdd, Intervention, encode, length_batches
 from .metrics import REFUSAL_MARKERS, is_refusal
 from .models import ModelBundle
 
-ENGINES = ("fast", "hf")
+ENGINES = ("fast", "refill", "hf")
 CACHES = ("static", "dynamic")
 # tokens decoded at the end of a row to look for a marker that has just been completed: every token is at
 # least one character, so a window longer than the longest marker holds any marker ending at the last token
@@ -127,6 +130,150 @@ def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_token
     return out
 
 
+def _cache_layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+@torch.inference_mode()
+def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+                  stop_on_refusal: bool = False, on_row: Callable[[int, list[int]], None] | None = None,
+                  stats: dict[str, int] | None = None) -> list[list[int]]:
+    """Greedy completions (token ids, cut before EOS) of every prompt, at most ``batch_size`` rows in flight:
+    a row that ends (EOS, ``max_new_tokens``, or with ``stop_on_refusal`` its first refusal marker) frees its
+    slot, and the next prompt is prefilled into it at once.
+
+    Why: a decode step on the CPU costs about the same whether it carries 32 rows or 5 (it is bound by
+    reading the weights), so :func:`greedy_loop`'s batches, which run until their longest row ends, spend
+    most of their steps on a few long completions. Keeping every slot busy spends those steps on rows.
+
+    How: one static key/value cache of ``batch_size`` slots. The shared write column ``c`` advances by
+    one each decode step. A joining prompt is prefilled alone (left-padded with any others joining at the
+    same step) and its keys and values are copied into its slot's columns ``[c - w, c)``; its mask is zero
+    on the slot's older columns. Positions are each row's own (as ``model.generate``'s), and keys carry
+    their rotary positions, so a row computes the same function wherever its columns lie. Prompts go
+    longest first, so a joining prompt never has more tokens than the first batch's width, hence than
+    ``c``. When ``c`` reaches the cache's end, every slot's live columns shift left together (the oldest
+    live row still fits: the cache holds twice a row's longest span). ``on_row(i, ids)`` is called as
+    each prompt's row ends (a generation cache appends it there); rows come back in prompt order.
+    ``stats``: ``steps_rows`` (row-steps computed, prefills included) and ``shifts`` (column shifts)."""
+    from transformers import DynamicCache
+
+    model, tok = bundle.model, bundle.tokenizer
+    eos_set = _eos_ids(bundle)
+    out: list[list[int]] = [[] for _ in prompts]
+    if not prompts or max_new_tokens <= 0:
+        for i in range(len(prompts)):
+            if on_row:
+                on_row(i, [])
+        return out
+    queue = [i for b in length_batches(bundle, prompts, len(prompts)) for i in b]  # longest first
+    queue.reverse()  # pop() from the end: the longest first
+    b = min(batch_size, len(prompts))
+    device = bundle.device
+    computed = shifts = 0
+
+    def prefill(idx: list[int]):
+        enc = encode(bundle, [prompts[i] for i in idx])
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        pc = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=pc, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        return pc, mask, pos[:, -1], logits.argmax(-1)
+
+    # the first batch: a plain left-padded prefill into the static cache
+    first = [queue.pop() for _ in range(b)]
+    enc = encode(bundle, [prompts[i] for i in first])
+    width = enc["input_ids"].shape[1]
+    span = width + max_new_tokens  # the most columns one row can hold
+    total = 2 * span
+    kv = _make_cache(model, "static", total)
+    mask = torch.zeros((b, total), dtype=torch.long, device=device)
+    mask[:, :width] = enc["attention_mask"]
+    pos = (enc["attention_mask"].long().cumsum(-1) - 1).masked_fill(enc["attention_mask"] == 0, 0)
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
+                   past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]
+    computed += b
+    c = width
+    slot_row = list(first)  # prompt index in each slot (-1: empty)
+    start = [0] * b  # first live column of each slot
+    last = pos[:, -1].clone()
+    nxt = logits.argmax(-1)
+
+    def finish(j: int) -> None:
+        r = slot_row[j]
+        if on_row:
+            on_row(r, out[r])
+        slot_row[j] = -1
+
+    def accept(j: int, token: int) -> bool:
+        """Record slot j's new token; True if its row has ended."""
+        r = slot_row[j]
+        if token in eos_set:
+            return True
+        out[r].append(token)
+        return len(out[r]) >= max_new_tokens or (stop_on_refusal and refusal_decided(tok, out[r]))
+
+    while True:
+        ended = [j for j in range(len(slot_row)) if slot_row[j] >= 0 and accept(j, int(nxt[j]))]
+        for j in ended:
+            finish(j)
+        # refill the freed slots (a joined row may end at its first token: then fill again)
+        free = [j for j in range(len(slot_row)) if slot_row[j] < 0]
+        while free and queue:
+            idx = [queue.pop() for _ in range(min(len(free), len(queue)))]
+            pc, pmask, plast, ptok = prefill(idx)
+            computed += len(idx)
+            w = pmask.shape[1]
+            if c + 1 > total or w > c:
+                raise RuntimeError("greedy_refill: a joining prompt does not fit before the write column")
+            slots = free[:len(idx)]
+            sl = torch.tensor(slots, device=device)
+            for layer, src in zip(_cache_layers(kv), _cache_layers(pc)):
+                layer.keys[sl, :, c - w:c] = src.keys
+                layer.values[sl, :, c - w:c] = src.values
+            mask[sl] = 0
+            mask[sl, c - w:c] = pmask
+            last[sl] = plast
+            for j, i, t in zip(slots, idx, ptok.tolist()):
+                slot_row[j], start[j] = i, c - w
+                nxt[j] = t
+                if accept(j, t):
+                    finish(j)
+            free = [j for j in range(len(slot_row)) if slot_row[j] < 0]
+        live = [j for j in range(len(slot_row)) if slot_row[j] >= 0]
+        if not live:
+            break
+        if len(live) < len(slot_row):  # no prompt left to fill a slot: drop the empty ones
+            keep = torch.tensor(live, device=device)
+            _keep_rows(kv, keep)
+            mask, last, nxt = mask[keep], last[keep], nxt[keep]
+            slot_row = [slot_row[j] for j in live]
+            start = [start[j] for j in live]
+        if c + 1 > total:  # shift every slot's live columns left by the oldest live start
+            m = min(start)
+            for layer in _cache_layers(kv):
+                layer.keys[:, :, :c - m] = layer.keys[:, :, m:c].clone()
+                layer.values[:, :, :c - m] = layer.values[:, :, m:c].clone()
+                layer.cumulative_length.fill_(c - m)
+            mask[:, :c - m] = mask[:, m:c].clone()
+            mask[:, c - m:] = 0
+            start = [s_ - m for s_ in start]
+            c -= m
+            shifts += 1
+        mask[:, c] = 1
+        last = last + 1
+        computed += len(slot_row)
+        logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :c + 1], position_ids=last[:, None],
+                       past_key_values=kv, use_cache=True).logits[:, -1]
+        c += 1
+        nxt = logits.argmax(-1)
+    if stats is not None:
+        stats["steps_rows"] = stats.get("steps_rows", 0) + computed
+        stats["shifts"] = stats.get("shifts", 0) + shifts
+    return out
+
+
 def _generate_batch(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int,
                     intervention: Intervention, engine: str = "fast", cache: str = "static",
                     stop_on_refusal: bool = False) -> list[list[int]]:
@@ -204,13 +351,10 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
             tmp = cache_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
             tmp.replace(cache_file)
-    todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
-    for idx in tqdm(todo, desc=desc, leave=False):
-        ids = _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention, engine, cache, stop_on_refusal)
+    def record(idx: Sequence[int], ids: Sequence[list[int]]) -> None:
         new = [{"i": i, "ids": r, "text": bundle.tokenizer.decode(r, skip_special_tokens=True)} for i, r in zip(idx, ids)]
         for row in new:
             row["sha"] = row_digest(row)
-        for row in new:
             done[row["i"]] = row
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -221,4 +365,24 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
                 from .results import note_product
 
                 note_product(cache_file)
+
+    if engine == "refill" and intervention is None:
+        # every prompt not cached yet goes through one refilled loop; each row is recorded as it ends
+        todo_i = [i for i in range(len(prompts)) if i not in done]
+        if todo_i:
+            bar = tqdm(total=len(todo_i), desc=desc, leave=False)
+
+            def on_row(k: int, ids: list[int]) -> None:
+                record([todo_i[k]], [ids])
+                bar.update(1)
+
+            greedy_refill(bundle, [prompts[i] for i in todo_i], batch_size, max_new_tokens, stop_on_refusal, on_row)
+            bar.close()
+    else:
+        if engine == "refill":  # activation addition goes through nnsight's generate, batch by batch
+            engine = "fast"
+        todo = [b for b in length_batches(bundle, prompts, batch_size) if not all(i in done for i in b)]
+        for idx in tqdm(todo, desc=desc, leave=False):
+            record(idx, _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention, engine, cache,
+                                        stop_on_refusal))
     return [{"text": done[i]["text"], "ids": done[i]["ids"]} for i in range(len(prompts))]
