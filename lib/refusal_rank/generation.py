@@ -152,8 +152,9 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     on the slot's older columns. Positions are each row's own (as ``model.generate``'s), and keys carry
     their rotary positions, so a row computes the same function wherever its columns lie. Prompts go
     longest first, so a joining prompt never has more tokens than the first batch's width, hence than
-    ``c``. When ``c`` reaches the cache's end, every slot's live columns shift left together (the oldest
-    live row still fits: the cache holds twice a row's longest span). ``on_row(i, ids)`` is called as
+    ``c``. When ``c`` reaches the cache's end, every slot's live columns shift left together by the oldest
+    live row's start (the cache holds a row's longest span and a margin, so a shift frees at least the
+    margin; a longer cache would cost every step, as attention reads all of it). ``on_row(i, ids)`` is called as
     each prompt's row ends (a generation cache appends it there); rows come back in prompt order.
     ``stats``: ``steps_rows`` (row-steps computed, prefills included) and ``shifts`` (column shifts)."""
     from transformers import DynamicCache
@@ -186,7 +187,10 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     enc = encode(bundle, [prompts[i] for i in first])
     width = enc["input_ids"].shape[1]
     span = width + max_new_tokens  # the most columns one row can hold
-    total = 2 * span
+    # attention reads every column of a static cache at every step (and transformers expands the keys and
+    # values to every query head first), so the cache is kept short: one row's span and a margin. A shift
+    # then frees at least the margin, since no live row is older than one span
+    total = span + max(8, max_new_tokens // 8)
     kv = _make_cache(model, "static", total)
     mask = torch.zeros((b, total), dtype=torch.long, device=device)
     mask[:, :width] = enc["attention_mask"]

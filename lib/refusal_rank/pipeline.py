@@ -301,7 +301,8 @@ def completions(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Interven
     """Greedy completions of the bundle (with any weight edit applied), resumable."""
     e = cfg["eval"]
     return generate(bundle, [p.text for p in prompts], e["max_new_tokens"], e["gen_batch_size"], intervention,
-                    cache_file=completions_path(cfg, bundle, prompts, intervention), desc=desc)
+                    cache_file=completions_path(cfg, bundle, prompts, intervention), desc=desc,
+                    engine=e["gen_engine"], cache=e["gen_cache"])
 
 
 def rates_by_source(cfg, prompts: Sequence[D.Prompt], comps: Sequence[dict[str, Any]]) -> dict[str, Any]:
