@@ -12,8 +12,8 @@ against (the same token ids on the tiny model). The loop is faster at the same b
   full completion while the rest of that completion is not computed. Such completions are verdict-only
   (their text ends at the marker) and are cached apart from full ones;
 * with ``engine="refill"`` (:func:`greedy_refill`) a slot freed by an ended row takes the next prompt at
-  once, instead of the batch running on for its longest row: on the CPU a decode step costs about the
-  same at any batch size up to the configured one, so a full batch is where the steps are worth spending.
+  once, instead of the batch running on for its longest row: on the CPU a decode step with a few rows
+  costs more than half as much as a full one, so a full batch is where the steps are worth spending.
 
 Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
 finished batch is appended to a JSONL file keyed by everything that determines the output, so an
@@ -130,10 +130,6 @@ def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_token
     return out
 
 
-def _cache_layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
 @torch.inference_mode()
 def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
                   stop_on_refusal: bool = False, on_row: Callable[[int, list[int]], None] | None = None,
@@ -142,9 +138,9 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     a row that ends (EOS, ``max_new_tokens``, or with ``stop_on_refusal`` its first refusal marker) frees its
     slot, and the next prompt is prefilled into it at once.
 
-    Why: a decode step on the CPU costs about the same whether it carries 32 rows or 5 (it is bound by
-    reading the weights), so :func:`greedy_loop`'s batches, which run until their longest row ends, spend
-    most of their steps on a few long completions. Keeping every slot busy spends those steps on rows.
+    Why: on the CPU a decode step with a few rows costs more than half as much as one with 32 (much of it
+    is reading the weights), so :func:`greedy_loop`'s batches, which run until their longest row ends,
+    spend many steps on a few long completions. Keeping every slot busy spends those steps on rows.
 
     How: one static key/value cache of ``batch_size`` slots. The shared write column ``c`` advances by
     one each decode step. A joining prompt is prefilled alone (left-padded with any others joining at the
@@ -233,7 +229,7 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
                 raise RuntimeError("greedy_refill: a joining prompt does not fit before the write column")
             slots = free[:len(idx)]
             sl = torch.tensor(slots, device=device)
-            for layer, src in zip(_cache_layers(kv), _cache_layers(pc)):
+            for layer, src in zip(kv.layers, pc.layers):
                 layer.keys[sl, :, c - w:c] = src.keys
                 layer.values[sl, :, c - w:c] = src.values
             mask[sl] = 0
@@ -256,7 +252,7 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
             start = [start[j] for j in live]
         if c + 1 > total:  # shift every slot's live columns left by the oldest live start
             m = min(start)
-            for layer in _cache_layers(kv):
+            for layer in kv.layers:
                 layer.keys[:, :, :c - m] = layer.keys[:, :, m:c].clone()
                 layer.values[:, :, :c - m] = layer.values[:, :, m:c].clone()
                 layer.cumulative_length.fill_(c - m)
