@@ -1,5 +1,6 @@
 """Greedy generation: activation addition through nnsight equals a plain forward-hook reference,
 and the disk cache resumes without regenerating finished batches."""
+import contextlib
 import json
 
 import torch
@@ -82,6 +83,19 @@ def _ids(rows):
     return [r["ids"] for r in rows]
 
 
+@contextlib.contextmanager
+def _early_eos(tiny):
+    """Make the token row 0 emits third act as EOS, so that some rows end mid-way and others do not."""
+    early = generate(tiny, MIXED, 12, batch_size=6, engine="hf")[0]["ids"][2]
+    gc = tiny.model.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = [early]
+    try:
+        yield
+    finally:
+        gc.eos_token_id = old
+
+
 def test_fast_loop_equals_plain_generate(tiny):
     ref = generate(tiny, MIXED, 12, batch_size=4, engine="hf")
     for cache in ("static", "dynamic"):
@@ -95,18 +109,11 @@ def test_fast_loop_drops_ended_rows_and_still_equals_generate(tiny):
     from refusal_rank.activations import encode
     from refusal_rank.generation import greedy_loop
 
-    full = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
-    early = full[0]["ids"][2]
-    gc = tiny.model.generation_config
-    old = gc.eos_token_id
-    gc.eos_token_id = [early]
-    try:
+    with _early_eos(tiny):
         ref = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
         got = generate(tiny, MIXED, 12, batch_size=6)
         stats = {}
         greedy_loop(tiny, encode(tiny, MIXED), 12, stats=stats)
-    finally:
-        gc.eos_token_id = old
     assert _ids(got) == _ids(ref)
     assert any(len(r) < 12 for r in _ids(got)) and any(len(r) == 12 for r in _ids(got))
     assert stats["steps_rows"] < len(MIXED) * 12  # ended rows were not carried
@@ -145,17 +152,10 @@ def test_refill_equals_plain_generate_with_rows_joining_and_the_cache_shifting(t
     stats, many = {}, MIXED * 3
     assert greedy_refill(tiny, many, 1, 12, stats=stats) == ref * 3
     assert stats["shifts"] >= 1  # at batch 1 the rows' spans add up past the cache: the shift was exercised
-    full = generate(tiny, MIXED, 12, batch_size=6, engine="hf")
-    early = full[0]["ids"][2]
-    gc = tiny.model.generation_config
-    old = gc.eos_token_id
-    gc.eos_token_id = [early]
-    try:
+    with _early_eos(tiny):
         ref = _ids(generate(tiny, MIXED, 12, batch_size=6, engine="hf"))
         stats, seen = {}, []
         got = greedy_refill(tiny, MIXED, 2, 12, stats=stats, on_row=lambda i, ids: seen.append(i))
-    finally:
-        gc.eos_token_id = old
     assert got == ref and any(len(r) < 12 for r in got)
     assert sorted(seen) == list(range(len(MIXED)))  # each row reported once, as it ended
     assert stats["steps_rows"] <= len(MIXED) * 13
