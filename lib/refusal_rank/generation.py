@@ -183,9 +183,9 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     enc = encode(bundle, [prompts[i] for i in first])
     width = enc["input_ids"].shape[1]
     span = width + max_new_tokens  # the most columns one row can hold
-    # attention reads every column of a static cache at every step (and transformers expands the keys and
-    # values to every query head first), so the cache is kept short: one row's span and a margin. A shift
-    # then frees at least the margin, since no live row is older than one span
+    # attention reads every column of a static cache at every step (about 0.6 GB a step for 32 rows x 650
+    # columns x 28 layers in bf16), so the cache is kept short: one row's span and a margin. A shift then
+    # frees at least the margin, since no live row is older than one span
     total = span + max(8, max_new_tokens // 8)
     kv = _make_cache(model, "static", total)
     mask = torch.zeros((b, total), dtype=torch.long, device=device)
