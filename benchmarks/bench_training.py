@@ -49,10 +49,9 @@ def run_setting(cfg, lora: dict, tcfg: dict, harm, ok, layers, steps: int, workd
     s0, tok0, pad0, comp0, mom0 = state.seconds, state.tokens, state.padded_tokens, state.computed_tokens, state.moment_tokens
     # this machine's speed drifts within minutes (a 758 -> 1006 GFLOP/s peak in one 4-minute run), so each
     # setting also gets the peak measured just before and after its own timed steps
-    dtype = next(bundle.model.parameters()).dtype
-    local = [matmul_peak_gflops(dtype, n=1024)]
+    local = [matmul_peak_gflops(bundle.dtype, n=1024)]
     state = train(bundle, v, t, harm, ok, teacher, layers, ck, log=lambda *_: None)
-    local.append(matmul_peak_gflops(dtype, n=1024))
+    local.append(matmul_peak_gflops(bundle.dtype, n=1024))
     secs, toks, pads = state.seconds - s0, state.tokens - tok0, state.padded_tokens - pad0
     flops_tok = 2 * forward_flops_per_token(bundle.model)  # ~4 x parameters
     comp = state.computed_tokens - comp0

@@ -75,6 +75,16 @@ def _keep_rows(cache: Any, keep: torch.Tensor) -> None:
             layer.values = layer.values.index_select(0, keep)
 
 
+def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run left-padded prompts into ``cache``: (logits at the last position, each row's last position).
+    Positions are ``model.generate``'s (the number of real tokens before), so a row's values do not depend
+    on its padding."""
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    return logits, pos[:, -1]
+
+
 def refusal_decided(tokenizer: Any, ids: Sequence[int]) -> bool:
     """True once the text of ``ids`` contains a refusal marker (checked on the last tokens, then confirmed
     on the whole text, so that the verdict is exactly the marker judge's on the full decode)."""
@@ -97,11 +107,8 @@ def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_token
     if max_new_tokens <= 0:
         return out
     kv = _make_cache(model, cache, width + max_new_tokens)
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=kv, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+    logits, last = _prefill(model, ids, mask, kv)
     rows = torch.arange(n, device=ids.device)  # which original row each batch row is
-    last = pos[:, -1]
     computed = n
     for t in range(max_new_tokens):
         nxt = logits.argmax(-1)
@@ -170,13 +177,11 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     computed = shifts = 0
 
     def prefill(idx: list[int]):
+        """Joining prompts, prefilled into a cache of their own (copied into their slots after)."""
         enc = encode(bundle, [prompts[i] for i in idx])
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         pc = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=pc, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        return pc, mask, pos[:, -1], logits.argmax(-1)
+        logits, plast = _prefill(model, enc["input_ids"], enc["attention_mask"], pc)
+        return pc, enc["attention_mask"], plast, logits.argmax(-1)
 
     # the first batch: a plain left-padded prefill into the static cache
     first = [queue.pop() for _ in range(b)]
@@ -190,14 +195,12 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     kv = _make_cache(model, "static", total)
     mask = torch.zeros((b, total), dtype=torch.long, device=device)
     mask[:, :width] = enc["attention_mask"]
-    pos = (enc["attention_mask"].long().cumsum(-1) - 1).masked_fill(enc["attention_mask"] == 0, 0)
-    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
-                   past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits, last = _prefill(model, enc["input_ids"], enc["attention_mask"], kv)
     computed += b
     c = width
     slot_row = list(first)  # prompt index in each slot (-1: empty)
     start = [0] * b  # first live column of each slot
-    last = pos[:, -1].clone()
+    last = last.clone()  # written in place as rows join
     nxt = logits.argmax(-1)
 
     def finish(j: int) -> None:
