@@ -42,7 +42,7 @@ BAD_CONFIGS = [  # (what the issue found, the edit, the dotted key and the allow
     ("unknown variant in budget_curve", 'budget_curve = ["kl_only"', 'budget_curve = ["klonly"', r"defense\.budget_curve = .*'klonly' is not"),
     ("unknown sweep model", 'models = ["base", "defended"', 'models = ["base", "defnded"', r"sweep\.models = .*'defnded' is not"),
     ("non-integer size", "n_val = 8", "n_val = 7.5", r"data\.n_val = 7\.5 .*an integer"),
-    ("bad choice", 'gen_engine = "fast"', 'gen_engine = "fastest"', r"eval\.gen_engine = \"fastest\" .*one of 'fast', 'hf'"),
+    ("bad choice", 'gen_engine = "fast"', 'gen_engine = "fastest"', r"eval\.gen_engine = \"fastest\" .*one of 'fast', 'refill', 'hf'"),
 ]
 
 
