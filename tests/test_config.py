@@ -45,3 +45,18 @@ def test_auto_dtype_resolves_to_what_this_cpu_multiplies_fastest():
     cfg = load_config("cpu")
     assert cfg["model"]["dtype"] in ("bfloat16", "float32") and cfg["model"]["dtype_requested"] == "auto"
     assert load_config("cpu")["model"]["dtype"] == cfg["model"]["dtype"]  # one measurement a process
+
+
+def test_kernel_only_knobs_key_no_cache():
+    """gen_pack_weights chooses a kernel with bit-identical outputs (test_generation checks it), so no cache
+    key holds it; any other eval knob does."""
+    import copy
+
+    from refusal_rank.config import config_hash
+
+    cfg = load_config("tiny")
+    flipped = copy.deepcopy(cfg)
+    flipped["eval"]["gen_pack_weights"] = not cfg["eval"]["gen_pack_weights"]
+    assert config_hash(flipped, "eval") == config_hash(cfg, "eval") and config_hash(flipped) == config_hash(cfg)
+    flipped["eval"]["gen_engine"] = "hf"
+    assert config_hash(flipped, "eval") != config_hash(cfg, "eval")

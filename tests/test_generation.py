@@ -182,3 +182,66 @@ def test_refill_verdicts_and_cache_resume(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(G, "greedy_refill", lambda b, p, *a, **k: calls.append(len(p)) or orig(b, p, *a, **k))
     again = generate(tiny, MIXED, 16, batch_size=2, stop_on_refusal=True, engine="refill", cache_file=path)
     assert calls == [len(MIXED) - 3] and _ids(again) == _ids(short)
+
+
+@contextlib.contextmanager
+def _bf16(tiny):
+    """A bf16 copy of the tiny model as a bundle (packing applies to CPU bf16 only)."""
+    import copy
+    import dataclasses
+
+    import pytest
+
+    from refusal_rank.models import can_pack_linears
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    if not can_pack_linears(model):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: packed_linears is a no-op here")
+    yield dataclasses.replace(tiny, model=model, _nnsight=None)
+
+
+def test_packed_linears_are_bit_identical_and_restored(tiny):
+    """Every linear layer on its packed weight gives the plain layer's logits bit for bit, prefill and
+    one-token steps alike; leaving the context restores the plain layers; a weight edited inside the
+    context raises instead of computing with the stale packed copy; float32 is left alone."""
+    from refusal_rank.models import packed_linears
+
+    with packed_linears(tiny.model) as did:
+        assert not did  # float32: a no-op
+    with _bf16(tiny) as b:
+        enc = encode(b, MIXED)
+        with torch.inference_mode():
+            ref = b.model(**enc).logits
+            ref1 = b.model(input_ids=enc["input_ids"][:, -1:]).logits
+            before = {n: m.__dict__.get("forward") for n, m in b.model.named_modules()}
+            with packed_linears(b.model, batch_hint=4) as did:
+                assert did and "forward" in b.model.lm_head.__dict__
+                got = b.model(**enc).logits
+                got1 = b.model(input_ids=enc["input_ids"][:, -1:]).logits
+            assert torch.equal(got, ref) and torch.equal(got1, ref1)
+            assert {n: m.__dict__.get("forward") for n, m in b.model.named_modules()} == before
+            b.lm  # nnsight's wrapper puts its own forward on every module: packing must replace and restore it
+            wrapped = {n: m.__dict__.get("forward") for n, m in b.model.named_modules()}
+            assert wrapped["lm_head"] is not None
+            with packed_linears(b.model, batch_hint=4):
+                assert b.model.lm_head.__dict__["forward"] is not wrapped["lm_head"]
+                assert torch.equal(b.model(**enc).logits, ref)
+            assert {n: m.__dict__.get("forward") for n, m in b.model.named_modules()} == wrapped
+            with packed_linears(b.model):
+                with torch.no_grad():
+                    b.model.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+                try:
+                    b.model(**enc)
+                    raise AssertionError("a stale packed weight was used")
+                except RuntimeError as e:
+                    assert "edited while its packed copy" in str(e)
+
+
+def test_packed_weights_give_the_same_ids_in_both_engines(tiny):
+    """Generation with packed weights returns the same ids as without, in the batch loop and in refill
+    (with rows joining), on a bf16 model."""
+    with _bf16(tiny) as b:
+        for engine in ("fast", "refill"):
+            plain = _ids(generate(b, MIXED, 12, batch_size=3, engine=engine))
+            packed = _ids(generate(b, MIXED, 12, batch_size=3, engine=engine, pack_weights=True))
+            assert packed == plain, engine

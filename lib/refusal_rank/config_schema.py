@@ -212,7 +212,7 @@ DIRECTIONS = Section(fields={
 EVAL = Section(fields={
     "fwd_batch_size": POS, "gen_batch_size": POS, "max_new_tokens": POS, "n_boot": POS, "n_examples": NONNEG,
     "actadd_coeff": Num(), "export_checkpoint": Bool(), "gen_engine": Str(choices=GEN_ENGINES),
-    "gen_cache": Str(choices=GEN_CACHES), "verdict_new_tokens": POS,
+    "gen_cache": Str(choices=GEN_CACHES), "verdict_new_tokens": POS, "gen_pack_weights": Bool(),
 })
 VARIANT = Section(fields={
     "lambda_kd": opt(Num(lo=0)), "temperature": opt(Num(lo=0, lo_open=True)), "lambda_cov": opt(Num(lo=0)),

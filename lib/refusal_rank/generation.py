@@ -13,7 +13,10 @@ against (the same token ids on the tiny model). The loop is faster at the same b
   (their text ends at the marker) and are cached apart from full ones;
 * with ``engine="refill"`` (:func:`greedy_refill`) a slot freed by an ended row takes the next prompt at
   once, instead of the batch running on for its longest row: on the CPU a decode step with a few rows
-  costs more than half as much as a full one, so a full batch is where the steps are worth spending.
+  costs more than half as much as a full one, so a full batch is where the steps are worth spending;
+* with ``pack_weights`` a bf16 model on the CPU runs its linear layers on weights packed once for oneDNN
+  (:func:`refusal_rank.models.packed_linears`) instead of re-packed at every call: the same ids, a cheaper
+  step.
 
 Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
 finished batch is appended to a JSONL file keyed by everything that determines the output, so an
@@ -31,7 +34,7 @@ from .progress import tqdm
 
 from .activations import ActAdd, Intervention, encode, length_batches
 from .metrics import REFUSAL_MARKERS, is_refusal
-from .models import ModelBundle
+from .models import ModelBundle, packed_linears
 
 ENGINES = ("fast", "refill", "hf")
 CACHES = ("static", "dynamic")
@@ -94,11 +97,19 @@ def refusal_decided(tokenizer: Any, ids: Sequence[int]) -> bool:
 
 @torch.inference_mode()
 def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_tokens: int, cache: str = "static",
-                stop_on_refusal: bool = False, stats: dict[str, int] | None = None) -> list[list[int]]:
+                stop_on_refusal: bool = False, stats: dict[str, int] | None = None,
+                pack_weights: bool = False) -> list[list[int]]:
     """Greedy completions (token ids, cut before EOS) of a left-padded batch, decoded step by step with
     rows leaving the batch once they end (or, with ``stop_on_refusal``, once their verdict is a refusal).
     Positions and masks follow ``model.generate``'s (position = number of real tokens before), so the
-    token ids are those of plain generate; ``stats["steps_rows"]`` counts the row-steps computed."""
+    token ids are those of plain generate; ``stats["steps_rows"]`` counts the row-steps computed.
+    ``pack_weights``: see :func:`refusal_rank.models.packed_linears`."""
+    with packed_linears(bundle.model, pack_weights, enc["input_ids"].shape[0]):
+        return _greedy_loop(bundle, enc, max_new_tokens, cache, stop_on_refusal, stats)
+
+
+def _greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_tokens: int, cache: str,
+                 stop_on_refusal: bool, stats: dict[str, int] | None) -> list[list[int]]:
     model, tok = bundle.model, bundle.tokenizer
     eos = torch.tensor(sorted(_eos_ids(bundle)), device=bundle.device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -140,7 +151,7 @@ def greedy_loop(bundle: ModelBundle, enc: dict[str, torch.Tensor], max_new_token
 @torch.inference_mode()
 def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
                   stop_on_refusal: bool = False, on_row: Callable[[int, list[int]], None] | None = None,
-                  stats: dict[str, int] | None = None) -> list[list[int]]:
+                  stats: dict[str, int] | None = None, pack_weights: bool = False) -> list[list[int]]:
     """Greedy completions (token ids, cut before EOS) of every prompt, at most ``batch_size`` rows in flight:
     a row that ends (EOS, ``max_new_tokens``, or with ``stop_on_refusal`` its first refusal marker) frees its
     slot, and the next prompt is prefilled into it at once.
@@ -159,7 +170,15 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     live row's start (the cache holds a row's longest span and a margin, so a shift frees at least the
     margin; a longer cache would cost every step, as attention reads all of it). ``on_row(i, ids)`` is called as
     each prompt's row ends (a generation cache appends it there); rows come back in prompt order.
-    ``stats``: ``steps_rows`` (row-steps computed, prefills included) and ``shifts`` (column shifts)."""
+    ``stats``: ``steps_rows`` (row-steps computed, prefills included) and ``shifts`` (column shifts).
+    ``pack_weights``: see :func:`refusal_rank.models.packed_linears`."""
+    with packed_linears(bundle.model, pack_weights, batch_size):
+        return _greedy_refill(bundle, prompts, batch_size, max_new_tokens, stop_on_refusal, on_row, stats)
+
+
+def _greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+                   stop_on_refusal: bool, on_row: Callable[[int, list[int]], None] | None,
+                   stats: dict[str, int] | None) -> list[list[int]]:
     from transformers import DynamicCache
 
     model, tok = bundle.model, bundle.tokenizer
@@ -339,10 +358,11 @@ def cache_key(*parts: Any) -> str:
 def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
              intervention: Intervention = None, cache_file: Path | None = None,
              desc: str = "generate", engine: str = "fast", cache: str = "static",
-             stop_on_refusal: bool = False) -> list[dict[str, Any]]:
+             stop_on_refusal: bool = False, pack_weights: bool = False) -> list[dict[str, Any]]:
     """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given.
-    ``engine``/``cache``/``stop_on_refusal``: see the module docstring (a cache file of verdict-only
-    completions must be named apart from full ones by the caller)."""
+    ``engine``/``cache``/``stop_on_refusal``/``pack_weights``: see the module docstring (a cache file of
+    verdict-only completions must be named apart from full ones by the caller; packing changes no id, so
+    it does not name the file). Weights are packed once for the whole call, on our engines only."""
     done: dict[int, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():
         done, n_lines, bad = read_cache_rows(cache_file)
@@ -369,6 +389,17 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
 
                 note_product(cache_file)
 
+    pack = pack_weights and intervention is None and engine in ("fast", "refill") and len(done) < len(prompts)
+    with packed_linears(bundle.model, pack, batch_size):
+        _generate_todo(bundle, prompts, max_new_tokens, batch_size, intervention, desc, engine, cache,
+                       stop_on_refusal, done, record)
+    return [{"text": done[i]["text"], "ids": done[i]["ids"]} for i in range(len(prompts))]
+
+
+def _generate_todo(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                   intervention: Intervention, desc: str, engine: str, cache: str, stop_on_refusal: bool,
+                   done: dict[int, dict[str, Any]], record: Callable[[Sequence[int], Sequence[list[int]]], None]) -> None:
+    """The prompts of :func:`generate` not in ``done`` yet, each batch or row ``record``-ed as it ends."""
     if engine == "refill" and intervention is None:
         # every prompt not cached yet goes through one refilled loop; each row is recorded as it ends
         todo_i = [i for i in range(len(prompts)) if i not in done]
@@ -388,4 +419,3 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
         for idx in tqdm(todo, desc=desc, leave=False):
             record(idx, _generate_batch(bundle, [prompts[i] for i in idx], max_new_tokens, intervention, engine, cache,
                                         stop_on_refusal))
-    return [{"text": done[i]["text"], "ids": done[i]["ids"]} for i in range(len(prompts))]

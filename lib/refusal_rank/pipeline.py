@@ -302,7 +302,7 @@ def completions(cfg, bundle, prompts: Sequence[D.Prompt], intervention: Interven
     e = cfg["eval"]
     return generate(bundle, [p.text for p in prompts], e["max_new_tokens"], e["gen_batch_size"], intervention,
                     cache_file=completions_path(cfg, bundle, prompts, intervention), desc=desc,
-                    engine=e["gen_engine"], cache=e["gen_cache"])
+                    engine=e["gen_engine"], cache=e["gen_cache"], pack_weights=e["gen_pack_weights"])
 
 
 def rates_by_source(cfg, prompts: Sequence[D.Prompt], comps: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -519,7 +519,7 @@ def sweep_generate(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D
     key = cache_key(model_tag(cfg, bundle), prompt_key(prompts), max_new_tokens, "verdict" if verdict else "full", "sweep")
     return generate(bundle, [p.text for p in prompts], max_new_tokens, e["gen_batch_size"],
                     cache_file=run_cache(cfg, "gen") / f"{key}.jsonl", desc=desc, engine=e["gen_engine"],
-                    cache=e["gen_cache"], stop_on_refusal=verdict)
+                    cache=e["gen_cache"], stop_on_refusal=verdict, pack_weights=e["gen_pack_weights"])
 
 
 def long_verdicts(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.Prompt], full: bool,
