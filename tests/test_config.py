@@ -48,8 +48,8 @@ def test_auto_dtype_resolves_to_what_this_cpu_multiplies_fastest():
 
 
 def test_kernel_only_knobs_key_no_cache():
-    """gen_pack_weights chooses a kernel with bit-identical outputs (test_generation checks it), so no cache
-    key holds it; any other eval knob does."""
+    """gen_pack_weights chooses a kernel whose outputs differ at most at bf16 rounding (test_generation: bit
+    for bit on tiny), so no cache key holds it; any other eval knob does."""
     import copy
 
     from refusal_rank.config import config_hash

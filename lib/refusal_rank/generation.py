@@ -15,8 +15,8 @@ against (the same token ids on the tiny model). The loop is faster at the same b
   once, instead of the batch running on for its longest row: on the CPU a decode step with a few rows
   costs more than half as much as a full one, so a full batch is where the steps are worth spending;
 * with ``pack_weights`` a bf16 model on the CPU runs its linear layers on weights packed once for oneDNN
-  (:func:`refusal_rank.models.packed_linears`) instead of re-packed at every call: the same ids, a cheaper
-  step.
+  (:func:`refusal_rank.models.packed_linears`) instead of re-packed at every call: a cheaper step, the
+  same function up to bf16 rounding.
 
 Activation addition needs a run-time patch at every step and goes through ``nnsight``'s generate. Each
 finished batch is appended to a JSONL file keyed by everything that determines the output, so an

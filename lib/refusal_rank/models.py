@@ -423,10 +423,15 @@ def packed_linears(model: Any, enabled: bool = True, batch_hint: int = 32) -> It
 
     Why: a plain bf16 ``linear`` on the CPU re-packs its weight on every call. At decode batch sizes a step
     is bound by reading the weights, so re-packing them costs a large share of the step: measured on the
-    cpu model (bf16, 2 threads, batch 32, run alone), 0.38 s a decode step plain against 0.32 s packed, with
-    the same token ids. The packed kernel is the one the plain call runs after its re-pack, so outputs are
-    bit-identical (tests/test_generation.py checks it); ``gen_pack_weights`` in a profile's ``[eval]``
-    therefore keys no cache. Costs one extra copy of the weights while the context is open. A weight edited
+    cpu model (bf16, 2 threads, batch 32, run alone; results/cpu/bench.json, ``generation.decode_step``),
+    0.278 s a decode step plain against 0.242 s packed. The packed kernel is the one the plain call runs
+    after its re-pack, and outputs agree bit for bit in most shapes (every projection of the cpu model at
+    1, 32 and 300 rows; the tiny model everywhere, tests/test_generation.py), not all: the cpu model's
+    down projection at 64 rows differed in 20 of 98,304 values by one bf16 step, and over 16 greedy
+    steps of 32 rows some ids diverged. That is the size of the differences a batch's make-up already
+    causes, on which no cache keys either, so ``gen_pack_weights`` in a profile's ``[eval]`` keys no cache
+    (:data:`refusal_rank.config.HASH_EXEMPT`); the benchmark's verdicts agreed with generate's on 160 of
+    160. Costs one extra copy of the weights while the context is open. A weight edited
     inside the context raises instead of computing with a stale copy; with gradients enabled a layer runs
     its plain path (the packed kernel has no backward). A no-op (yields False) off CPU bf16."""
     if not enabled or not can_pack_linears(model):
