@@ -245,3 +245,37 @@ def test_packed_weights_give_the_same_ids_in_both_engines(tiny):
             plain = _ids(generate(b, MIXED, 12, batch_size=3, engine=engine))
             packed = _ids(generate(b, MIXED, 12, batch_size=3, engine=engine, pack_weights=True))
             assert packed == plain, engine
+
+
+def test_refill_joins_at_the_cache_end_and_matches_generate():
+    """Random prompt sets of mixed lengths, batches of 2-4 and early EOS: refill equals plain generate on
+    every set, and some set makes a prompt join while the write column is at the cache's end (the case
+    that stopped the cpu queue: it raised instead of joining)."""
+    import random
+
+    from refusal_rank.config import load_config
+    from refusal_rank.generation import greedy_refill
+    from refusal_rank.models import load_model
+
+    b = load_model(load_config("tiny"), log=lambda *_: None)
+    rng = random.Random(0)
+    words = "the sea wind light water stone over under bright dark slow quick".split()
+    gc = b.model.generation_config
+    old = gc.eos_token_id
+    hits = 0
+    for trial in range(60):
+        prompts = [" ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 3, 20, 40])))
+                   for _ in range(rng.randint(3, 10))]
+        bs, T = rng.randint(2, 4), rng.choice([6, 9, 12])
+        plain = _ids(generate(b, prompts, T, batch_size=bs, engine="hf"))
+        gc.eos_token_id = [r[2] for r in plain if len(r) > 3][:2] + ([old] if isinstance(old, int) else list(old or []))
+        try:
+            ref = _ids(generate(b, prompts, T, batch_size=bs, engine="hf"))
+            stats = {}
+            assert greedy_refill(b, prompts, bs, T, stats=stats) == ref, trial
+        finally:
+            gc.eos_token_id = old
+        hits += stats.get("joins_at_end", 0)
+        if hits:
+            break
+    assert hits, "no prompt set made a prompt join at the cache's end"

@@ -57,9 +57,15 @@ def encode(bundle: ModelBundle, prompts: Sequence[str]) -> dict[str, torch.Tenso
     return {k: v.to(bundle.device) for k, v in enc.items()}
 
 
+def prompt_lengths(bundle: ModelBundle, prompts: Sequence[str]) -> list[int]:
+    """Token count of each chat-formatted prompt (the width :func:`encode` gives it alone)."""
+    texts = chat_texts(bundle.tokenizer, prompts, **bundle.template_kwargs)
+    return [len(x) for x in bundle.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def length_batches(bundle: ModelBundle, prompts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Index batches of prompts sorted by token length (longest first, so memory peaks early)."""
-    lengths = [len(x) for x in bundle.tokenizer(chat_texts(bundle.tokenizer, prompts, **bundle.template_kwargs), add_special_tokens=False)["input_ids"]]
+    lengths = prompt_lengths(bundle, prompts)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     for s in range(0, len(order), batch_size):
         yield order[s:s + batch_size]

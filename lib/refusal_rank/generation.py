@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from .progress import tqdm
 
-from .activations import ActAdd, Intervention, encode, length_batches
+from .activations import ActAdd, Intervention, encode, length_batches, prompt_lengths
 from .metrics import REFUSAL_MARKERS, is_refusal
 from .models import ModelBundle, packed_linears
 
@@ -165,12 +165,16 @@ def greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int, 
     same step) and its keys and values are copied into its slot's columns ``[c - w, c)``; its mask is zero
     on the slot's older columns. Positions are each row's own (as ``model.generate``'s), and keys carry
     their rotary positions, so a row computes the same function wherever its columns lie. Prompts go
-    longest first, so a joining prompt never has more tokens than the first batch's width, hence than
-    ``c``. When ``c`` reaches the cache's end, every slot's live columns shift left together by the oldest
-    live row's start (the cache holds a row's longest span and a margin, so a shift frees at least the
-    margin; a longer cache would cost every step, as attention reads all of it). ``on_row(i, ids)`` is called as
-    each prompt's row ends (a generation cache appends it there); rows come back in prompt order.
-    ``stats``: ``steps_rows`` (row-steps computed, prefills included) and ``shifts`` (column shifts).
+    longest first, so a joining prompt fits in ``[c - w, c)``: before any shift ``c`` is at least the first
+    batch's width, and a shift leaves ``c`` at the oldest live row's age in columns, at least that row's
+    width, which no prompt still queued exceeds. A prompt may join when ``c`` is at the cache's end (its
+    columns lie before ``c``); the shift before the next step frees column ``c``. When ``c`` reaches the
+    cache's end, every slot's live columns shift left together by the oldest live row's start. The cache
+    holds the first batch's span and a margin, so a shift frees at least the margin (a longer cache would
+    cost every step, as attention reads all of it). ``on_row(i, ids)`` is called as each prompt's row ends
+    (a generation cache appends it there); rows come back in prompt order. ``stats``: ``steps_rows``
+    (row-steps computed, prefills included), ``shifts`` (column shifts) and ``joins_at_end`` (prompts
+    that joined with the write column at the cache's end).
     ``pack_weights``: see :func:`refusal_rank.models.packed_linears`."""
     with packed_linears(bundle.model, pack_weights, batch_size):
         return _greedy_refill(bundle, prompts, batch_size, max_new_tokens, stop_on_refusal, on_row, stats)
@@ -189,11 +193,12 @@ def _greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int,
             if on_row:
                 on_row(i, [])
         return out
-    queue = [i for b in length_batches(bundle, prompts, len(prompts)) for i in b]  # longest first
-    queue.reverse()  # pop() from the end: the longest first
+    lengths = prompt_lengths(bundle, prompts)
+    queue = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first (ties in prompt order) ...
+    queue.reverse()  # ... popped from the end
     b = min(batch_size, len(prompts))
     device = bundle.device
-    computed = shifts = 0
+    computed = shifts = at_end = 0
 
     def prefill(idx: list[int]):
         """Joining prompts, prefilled into a cache of their own (copied into their slots after)."""
@@ -247,8 +252,10 @@ def _greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int,
             pc, pmask, plast, ptok = prefill(idx)
             computed += len(idx)
             w = pmask.shape[1]
-            if c + 1 > total or w > c:
-                raise RuntimeError("greedy_refill: a joining prompt does not fit before the write column")
+            if w > c:  # cannot happen: see the docstring (a shift leaves c - min(start) >= every queued width)
+                raise RuntimeError(f"greedy_refill: a joining prompt of {w} tokens does not fit before the write "
+                                   f"column {c}")
+            at_end += c == total  # columns [c - w, c) are in the cache; the shift below frees column c
             slots = free[:len(idx)]
             sl = torch.tensor(slots, device=device)
             for layer, src in zip(kv.layers, pc.layers):
@@ -293,6 +300,7 @@ def _greedy_refill(bundle: ModelBundle, prompts: Sequence[str], batch_size: int,
     if stats is not None:
         stats["steps_rows"] = stats.get("steps_rows", 0) + computed
         stats["shifts"] = stats.get("shifts", 0) + shifts
+        stats["joins_at_end"] = stats.get("joins_at_end", 0) + at_end
     return out
 
 
