@@ -51,6 +51,10 @@ def test_training_entry_counts_computed_and_trained_tokens_apart():
     del old["computed_tokens"]  # records from before computed_tokens: every padded position was computed
     assert R.training_entry(old, 100.0, 4e8)["computed_per_token"] == pytest.approx(1.2)
     assert "fraction_of_peak" not in R.training_entry(rec, None, None)
+    assert "median_step_s" not in e  # records from before per-step seconds
+    paused = dict(rec, history=[{"step": 0}, {"step": 1, "sec": 5.0}, {"step": 2, "sec": 1200.0}, {"step": 3, "sec": 6.0}])
+    e = R.training_entry(paused, None, None)
+    assert e["median_step_s"] == 6.0 and e["timed_steps"] == 3  # a step paused for 20 minutes does not move it
 
 
 def test_checkpoint_eval_is_cached_by_snapshot_and_config(cfg, monkeypatch):

@@ -737,10 +737,19 @@ def training_entry(record: dict[str, Any], peak_gflops: float | None, flops_per_
     as if run alone: the unit of the budgets) and, as a share of the peak, the FLOPs of the positions
     actually computed (``fraction_of_peak``: padding in, a shared prefix once, the moment terms' forward-only
     pass at half weight) and of the rows' tokens
-    (``effective_fraction_of_peak``, above the other when a shared prefix saves work)."""
+    (``effective_fraction_of_peak``, above the other when a shared prefix saves work).
+
+    These come from the run's own clock, so they include whatever ran beside a background run and any pause
+    within a step; ``median_step_s`` (over the ``timed_steps`` whose history holds their seconds) is robust
+    to both. The matched, alone measurement of the step is benchmarks/bench_training.py's."""
+    import statistics
+
     tps = record["tokens_per_s"]
     out = {"steps": record["steps"], "seconds": record["seconds"], "tokens_per_s": tps,
            "padding_share": round(1 - record["tokens"] / max(record.get("padded_tokens") or record["tokens"], 1), 4)}
+    timed = [h["sec"] for h in record.get("history", []) if "sec" in h]
+    if timed:
+        out.update(median_step_s=round(statistics.median(timed), 2), timed_steps=len(timed))
     computed = record.get("computed_tokens") or record.get("padded_tokens") or record["tokens"]
     computed += record.get("moment_tokens", 0) / 2  # the moment terms' forward-only pass: half the FLOPs a position
     out["computed_per_token"] = round(computed / max(record["tokens"], 1), 4)

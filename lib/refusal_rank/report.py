@@ -101,7 +101,9 @@ def defense_table(s: dict[str, Any]) -> str:
     if tr:
         lines.append("")
         lines.append("Training (LoRA, same steps and batches for every variant): " + "; ".join(
-            f"{k} {v['seconds'] / 60:.1f} min of step time, {v['tokens_per_s']:.0f} tokens/s" for k, v in tr.items()) + ".")
+            f"{k} {v['seconds'] / 60:.1f} min of step time, {v['tokens_per_s']:.0f} tokens/s"
+            + (f", median step {v['median_step_s']:.1f} s over {v['timed_steps']} timed steps" if "median_step_s" in v else "")
+            for k, v in tr.items()) + " (the background run's clock: what ran beside it counts).")
     return "\n".join(lines)
 
 

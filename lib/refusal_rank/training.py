@@ -745,8 +745,10 @@ def train(bundle: ModelBundle, variant: Variant, tcfg: dict[str, Any], harmful: 
         opt.zero_grad(set_to_none=True)
         first_loss = positive if first_loss is None else first_loss
         state.step = step + 1
-        state.seconds += time.perf_counter() - t0
-        state.history.append({"step": step, "loss": value, "lr": lr_at(step, tcfg), "grad_norm": grad_norm, **sums})
+        sec = time.perf_counter() - t0
+        state.seconds += sec
+        state.history.append({"step": step, "loss": value, "lr": lr_at(step, tcfg), "grad_norm": grad_norm,
+                              "sec": round(sec, 2), **sums})
         bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if not k.endswith("_null")})
         at_milestone = state.step in milestones
         if at_milestone:
