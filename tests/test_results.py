@@ -39,6 +39,29 @@ def test_refusal_filter_too_strict_is_a_clear_error(tiny_cfg, tiny, monkeypatch)
         P.filtered_train_val(cfg, tiny)
 
 
+def test_an_attacker_whose_filter_starves_keeps_the_most_refusing_prompts(tiny_cfg, tiny, monkeypatch):
+    """Where the filter would stop notebook 01, an attacker keeps each short split's most refusing harmful
+    (least refusing harmless) prompts, in pool order, and the report names the fallback; splits that pass
+    are filtered as before."""
+    from refusal_rank import pipeline as P
+
+    cfg = override(tiny_cfg, **{"data.filter_by_refusal": True, "data.min_keep": 4})
+    plain = P.filtered_train_val(override(tiny_cfg, **{"data.filter_by_refusal": False}), tiny)
+
+    def scores(cfg, bundle, prompts, desc="", **k):  # harmful: one prompt above 0, the rest ranked by pool order
+        if "harmful" in desc:
+            return torch.tensor([1.0] + [-1.0 - i for i in range(1, len(prompts))])
+        return -torch.ones(len(prompts))  # harmless: every prompt passes
+
+    monkeypatch.setattr(P, "scores_cached", scores)
+    tv = P.filtered_train_val(cfg, tiny, attacker=True)
+    n = cfg["data"]["n_train"]
+    assert [p.id for p in tv.harmful_train] == [p.id for p in plain.harmful_train][:n]  # the n highest scores
+    assert tv.report["harmful_train"]["fallback"] == "top_scores" and tv.report["harmful_train"]["passed"] == 1
+    assert "fallback" not in tv.report["harmless_train"]
+    assert [p.id for p in tv.harmless_train] == [p.id for p in plain.harmless_train]
+
+
 def test_corrupted_cache_file_is_detected_by_hash_and_rebuilt(tmp_path):
     from refusal_rank.pipeline import cached_value
 

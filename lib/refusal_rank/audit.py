@@ -346,15 +346,13 @@ def disposition(cfg: dict[str, Any], bundle: ModelBundle, sets: P.TestSets) -> d
 
 
 def attacker_prompts(cfg: dict[str, Any], bundle: ModelBundle) -> tuple[P.TrainVal, dict[str, Any], dict[str, Any]]:
-    """Notebook 01's train/val prompts for the model's own attack, refusal-filtered as the profile says. A
-    model that refuses too few train prompts to pass the filter (an abliterated one) is attacked with the
-    unfiltered prompts instead, and the report says so. Returns (prompts, the config used, a note)."""
-    try:
-        return P.filtered_train_val(cfg, bundle), cfg, {"refusal_filter": cfg["data"]["filter_by_refusal"]}
-    except D.DataError as e:
-        unfiltered = copy.deepcopy(cfg)
-        unfiltered["data"]["filter_by_refusal"] = False
-        return P.filtered_train_val(unfiltered, bundle), unfiltered, {"refusal_filter": False, "why_unfiltered": str(e)}
+    """Notebook 01's train/val prompts for the model's own attack, refusal-filtered as the profile says,
+    with every attacker's fallback (:func:`refusal_rank.pipeline.filtered_train_val`): a split the model
+    refuses too little of to pass the filter (an abliterated model's) keeps its most refusing prompts
+    instead, and the report names it. Returns (prompts, the config used, a note)."""
+    tv = P.filtered_train_val(cfg, bundle, attacker=True)
+    fallback = {k: r["passed"] for k, r in tv.report.items() if r.get("fallback")}
+    return tv, cfg, {"refusal_filter": cfg["data"]["filter_by_refusal"], **({"filter_fallback": fallback} if fallback else {})}
 
 
 def held_out(tv: P.TrainVal, sets: P.TestSets) -> bool:
@@ -543,7 +541,9 @@ def markdown(report: dict[str, Any]) -> str:
               f"The model's own rank-1 attack: difference in means at layer {d['layer']}, post-instruction position "
               f"{d['position']} ({d['token']!r}), fitted on its train prompts and chosen on val "
               f"({d['candidates_scored']} candidates scored" + (", fallback: no candidate passed the filters" if d["fallback"] else "")
-              + f"; refusal filter {'on' if frag['refusal_filter'] else 'off'}), projected out of the weights. "
+              + f"; refusal filter {'on' if frag['refusal_filter'] else 'off'}"
+              + ("".join(f"; {k}: {n} passed, its most refusing kept" for k, n in frag.get("filter_fallback", {}).items()))
+              + "), projected out of the weights. "
               f"Harmful refusal {disp['harmful']['rate']:.2f} → {fmt_rate(k1['refusal_rate_harmful'])} "
               f"(removed {k1['removed']:.2f}); CE on the model's own harmless completions "
               f"{k1['ce_unattacked']:.4g} → {k1['ce_harmless']:.4g}."

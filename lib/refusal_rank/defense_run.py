@@ -554,7 +554,7 @@ def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> li
     tok = AutoTokenizer.from_pretrained(checkpoint_dir(cfg))
     n_post, _ = template_n_post(tok, cfg["model"])
     model = _CachedOnly(variant_model_name(cfg, name, step), "", n_post)
-    tv = filtered_train_val(cfg, model)
+    tv = filtered_train_val(cfg, model, attacker=True)
     v = (mean_residuals(cfg, model, tv.harmful_train, "") - mean_residuals(cfg, model, tv.harmless_train, ""))[where["layer"], where["position"]]
     model.edit = edit_tag((v / v.norm())[:, None])
     comps = read_completions(completions_path(cfg, model, sets.harmful), len(sets.harmful))

@@ -153,9 +153,18 @@ class TrainVal:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle) -> TrainVal:
+def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle, attacker: bool = False) -> TrainVal:
     """Train/val prompts, keeping (as Arditi et al.) harmful ones the model refuses (score > 0) and
-    harmless ones it does not (score < 0), when the profile asks for it."""
+    harmless ones it does not (score < 0), when the profile asks for it.
+
+    Fewer than ``data.min_keep`` prompts of a split passing the filter is a configuration error for the
+    original model (notebook 01), but not for an attacker (``attacker=True``: every attack on a trained,
+    edited or audited model). A model may refuse in its generations while its first-token refusal score is
+    negative (training moves that score: `defended` at 2x scored positive on 14 of the 41 harmful val
+    prompts), and an abliterated model refuses nothing; a filter that starved the attacker would read as
+    robustness. So the attacker keeps the split's ``n`` prompts the model scores most refusing (harmful)
+    or least (harmless), in pool order, and ``report[split]`` says ``fallback = "top_scores"`` with the
+    number that passed."""
     d, seed = cfg["data"], cfg["seed"]
     pools = {
         "harmful_train": D.split_prompts("harmful_train", d["train_pool"], seed),
@@ -166,16 +175,21 @@ def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle) -> TrainVal:
     want = {"harmful_train": d["n_train"], "harmless_train": d["n_train"], "harmful_val": d["n_val"], "harmless_val": d["n_val"]}
     out, report = {}, {}
     for name, pool in pools.items():
+        harmful, extra = name.startswith("harmful"), {}
         if d["filter_by_refusal"]:
-            s = scores_cached(cfg, bundle, pool, desc=f"filter {name}")
-            keep = [p for p, v in zip(pool, s.tolist()) if (v > 0) == name.startswith("harmful")]
+            s = scores_cached(cfg, bundle, pool, desc=f"filter {name}").tolist()
+            keep = [p for p, v in zip(pool, s) if (v > 0) == harmful]
         else:
             keep = list(pool)
         if len(keep) < min(want[name], d.get("min_keep", 1)) or not keep:
-            raise D.DataError(f"Only {len(keep)} of {len(pool)} {name} prompts pass the refusal filter: "
-                              f"raise data.train_pool/val_pool or lower data.n_train/n_val in {cfg['_path']}.")
+            if not (attacker and d["filter_by_refusal"] and pool):
+                raise D.DataError(f"Only {len(keep)} of {len(pool)} {name} prompts pass the refusal filter: "
+                                  f"raise data.train_pool/val_pool or lower data.n_train/n_val in {cfg['_path']}.")
+            top = sorted(range(len(pool)), key=lambda i: -s[i] if harmful else s[i])[:want[name]]
+            extra = {"fallback": "top_scores", "passed": len(keep)}
+            keep = [pool[i] for i in sorted(top)]
         out[name] = keep[:want[name]]
-        report[name] = {"pool": len(pool), "kept": len(keep), "used": len(out[name])}
+        report[name] = {"pool": len(pool), "kept": len(keep), "used": len(out[name]), **extra}
     return TrainVal(**out, report=report)
 
 
@@ -405,14 +419,17 @@ def correlation_report(scores: Sequence[float], labels: Sequence[float]) -> dict
 
 def reselected_k1(cfg: dict[str, Any], bundle: ModelBundle, sets: TestSets) -> dict[str, Any]:
     """Notebook 01's procedure re-run on ``bundle``'s own weights (the attacker holds them), then the
-    K=1 weight edit scored on the harmful test set."""
+    K=1 weight edit scored on the harmful test set (``filter_fallback``: the splits too few of whose
+    prompts passed the refusal filter, with the number that did; see :func:`filtered_train_val`)."""
     from .ablation import orthogonalized
 
-    tv = filtered_train_val(cfg, bundle)
+    tv = filtered_train_val(cfg, bundle, attacker=True)
     sel, _ = discover_direction(cfg, bundle, tv)
     with orthogonalized(bundle, sel.unit[:, None]):
         comps = completions(cfg, bundle, sets.harmful, desc=f"{bundle.name} K=1")
+    fallback = {k: r["passed"] for k, r in tv.report.items() if r.get("fallback")}
     return {"refusal_rate_harmful": rates_by_source(cfg, sets.harmful, comps),
+            **({"filter_fallback": fallback} if fallback else {}),
             "direction": {"layer": sel.layer, "position": sel.position, "fallback": sel.fallback,
                           "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5),
                           # > 0 when adding the direction makes harmless prompts refused (Arditi et al.'s check);

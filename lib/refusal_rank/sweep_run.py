@@ -146,7 +146,7 @@ def grid_acts(cfg: dict[str, Any], bundle: ModelBundle, prompts: Sequence[D.Prom
 def attack_context(cfg: dict[str, Any], bundle: ModelBundle, targets: dict[str, list[int]] | None = None) -> AttackContext:
     """The attacker's view of one model. ``targets`` (the optimised attacker's): None takes those that
     :func:`attack_targets` cached for this profile, if any (so a later notebook finds the same bases)."""
-    tv = filtered_train_val(cfg, bundle)
+    tv = filtered_train_val(cfg, bundle, attacker=True)
     layers = attack_layers(cfg, bundle)
     return AttackContext(cfg, bundle, tv, layers, grid_acts(cfg, bundle, tv.harmful_train, layers, "harmful train acts"),
                          grid_acts(cfg, bundle, tv.harmless_train, layers, "harmless train acts"),
