@@ -252,7 +252,10 @@ def test_budget_headline_reads_each_number_and_tolerates_a_partial_entry():
                                                         "direction": {"fallback": True, "kl_harmless": 0.51}}}}
     h = R.budget_headline(entry)
     assert h == {"harmful": 0.725, "harmless": 0.02, "overrefusal": 0.38, "kl": 0.15, "ce": 0.43,
-                 "k1_reselected": 0.106, "k1_fallback": True, "k1_kl": 0.51, "screen_k_break": 1}
+                 "k1_reselected": 0.106, "k1_fallback": True, "k1_kl": 0.51, "k1_filter_fallback": None,
+                 "screen_k_break": 1}
+    entry["screen"]["k1_reselected"]["filter_fallback"] = {"harmful_val": 14}
+    assert R.budget_headline(entry)["k1_filter_fallback"] == ["harmful_val"]
     del entry["screen"]["k1_reselected"]["direction"], entry["overrefusal_rate"]
     h = R.budget_headline(entry)
     assert h["k1_fallback"] is None and h["k1_kl"] is None and h["overrefusal"] is None and h["k1_reselected"] == 0.106

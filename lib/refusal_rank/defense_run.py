@@ -683,7 +683,9 @@ def budget_headline(entry: dict[str, Any]) -> dict[str, Any]:
     """A budget entry's headline numbers, as the queue's log, ``refusal-rank progress`` and notebook 03's
     table show them: the rates, KL, CE, the re-selected K=1 attack's rate, whether its direction was a
     fallback (no candidate passed the selection's filters) and that direction's own first-token KL on
-    harmless val (what the attack costs: a fallback may fail the KL filter), and the screen's K_break."""
+    harmless val (what the attack costs: a fallback may fail the KL filter), the splits whose refusal filter
+    kept too few prompts for the attacker (it fitted on their most refusing ones instead), and the
+    screen's K_break."""
     rate = lambda k: (entry.get(k) or {}).get("rate")
     screen = entry.get("screen") or {}
     k1 = screen.get("k1_reselected") or {}
@@ -692,6 +694,7 @@ def budget_headline(entry: dict[str, Any]) -> dict[str, Any]:
             "overrefusal": rate("overrefusal_rate"), "kl": (entry.get("kl_harmless") or {}).get("mean"),
             "ce": entry.get("ce_harmless"), "k1_reselected": (k1.get("refusal_rate_harmful") or {}).get("rate"),
             "k1_fallback": direction.get("fallback"), "k1_kl": direction.get("kl_harmless"),
+            "k1_filter_fallback": sorted(k1.get("filter_fallback") or {}) or None,
             "screen_k_break": screen.get("k_break")}
 
 

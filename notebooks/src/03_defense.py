@@ -192,7 +192,9 @@ rows = []
 for name, per in budget.items():
     for label, e in per.items():
         # the same headline numbers the queue's log and `refusal-rank progress` print (R.budget_headline);
-        # k1_fallback: no candidate both kept the KL filter and induced refusal when added (see above)
+        # k1_fallback: no candidate both kept the KL filter and induced refusal when added (see above);
+        # k1_filter_fallback: the splits where too few prompts had a positive refusal score for the attacker's
+        # filter, so it fitted on their most refusing prompts (pipeline.filtered_train_val)
         rows.append({"variant": name, "budget": label, "prompt passes": e["prompt_passes"], **R.budget_headline(e)})
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
