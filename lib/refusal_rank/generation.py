@@ -369,8 +369,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], max_new_tokens: int, b
              stop_on_refusal: bool = False, pack_weights: bool = False) -> list[dict[str, Any]]:
     """Greedy completions ``[{"text", "ids"}]`` in prompt order; resumes from ``cache_file`` if given.
     ``engine``/``cache``/``stop_on_refusal``/``pack_weights``: see the module docstring (a cache file of
-    verdict-only completions must be named apart from full ones by the caller; packing changes no id, so
-    it does not name the file). Weights are packed once for the whole call, on our engines only."""
+    verdict-only completions must be named apart from full ones by the caller; packing changes ids at most
+    at bf16 rounding, as the batch's make-up does, so neither names the file). Weights are packed once for
+    the whole call, on our engines only."""
     done: dict[int, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():
         done, n_lines, bad = read_cache_rows(cache_file)
