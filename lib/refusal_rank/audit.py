@@ -345,14 +345,14 @@ def disposition(cfg: dict[str, Any], bundle: ModelBundle, sets: P.TestSets) -> d
     return out
 
 
-def attacker_prompts(cfg: dict[str, Any], bundle: ModelBundle) -> tuple[P.TrainVal, dict[str, Any], dict[str, Any]]:
+def attacker_prompts(cfg: dict[str, Any], bundle: ModelBundle) -> tuple[P.TrainVal, dict[str, Any]]:
     """Notebook 01's train/val prompts for the model's own attack, refusal-filtered as the profile says,
     with every attacker's fallback (:func:`refusal_rank.pipeline.filtered_train_val`): a split the model
     refuses too little of to pass the filter (an abliterated model's) keeps its most refusing prompts
-    instead, and the report names it. Returns (prompts, the config used, a note)."""
+    instead, and the report names it. Returns (prompts, a note for the report)."""
     tv = P.filtered_train_val(cfg, bundle, attacker=True)
-    fallback = {k: r["passed"] for k, r in tv.report.items() if r.get("fallback")}
-    return tv, cfg, {"refusal_filter": cfg["data"]["filter_by_refusal"], **({"filter_fallback": fallback} if fallback else {})}
+    fallback = tv.filter_fallback
+    return tv, {"refusal_filter": cfg["data"]["filter_by_refusal"], **({"filter_fallback": fallback} if fallback else {})}
 
 
 def held_out(tv: P.TrainVal, sets: P.TestSets) -> bool:
@@ -366,12 +366,12 @@ def fragility(cfg: dict[str, Any], bundle: ModelBundle, sets: P.TestSets, disp: 
     with the CE on the model's own harmless completions under the edit."""
     from .sweep_run import attack_context, estimator_basis, evaluate_k
 
-    tv, acfg, note = attacker_prompts(cfg, bundle)
+    tv, note = attacker_prompts(cfg, bundle)
     if not held_out(tv, sets):
         raise AuditError("The direction prompts overlap the test prompts: data/splits.json is inconsistent.")
     ce_ref = ce_reference(cfg, sets, disp["_completions"]["harmless"])
-    sel, _ = P.discover_direction(acfg, bundle, tv)
-    attacked = evaluate_k(acfg, bundle, sel.unit[:, None], sets.harmful, math.inf, ce_ref)
+    sel, _ = P.discover_direction(cfg, bundle, tv)
+    attacked = evaluate_k(cfg, bundle, sel.unit[:, None], sets.harmful, math.inf, ce_ref)
     rate = disp["harmful"]["rate"]
     out: dict[str, Any] = {
         **note, "held_out": True,
@@ -395,13 +395,13 @@ def fragility(cfg: dict[str, Any], bundle: ModelBundle, sets: P.TestSets, disp: 
         "generated_prompts": len(sets.harmful)}
     sc = cfg["audit"]["screen"]
     if cfg["audit"]["run_screen"]:
-        ctx = attack_context(acfg, bundle)
+        ctx = attack_context(cfg, bundle)
         got = estimator_basis(ctx, "dim-svd", max(sc["ks"]))
         per_k, k_break = {}, None
         for K in sorted(sc["ks"]):
             if got["basis"].shape[1] < K:
                 break
-            r = evaluate_k(acfg, bundle, got["basis"][:, :K], sets.harmful, sc["gen_below"], ce_ref)
+            r = evaluate_k(cfg, bundle, got["basis"][:, :K], sets.harmful, sc["gen_below"], ce_ref)
             per_k[str(K)] = {k: v for k, v in r.items() if k != "examples"}
             if k_break is None and "refusal_rate_harmful" in r and r["refusal_rate_harmful"]["rate"] < cfg["sweep"]["threshold"]:
                 k_break = K

@@ -152,6 +152,12 @@ class TrainVal:
     harmless_val: list[D.Prompt]
     report: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def filter_fallback(self) -> dict[str, int]:
+        """The splits too few of whose prompts passed the refusal filter (an attacker kept their most
+        refusing ones instead), with the number that did pass."""
+        return {k: r["passed"] for k, r in self.report.items() if r.get("fallback")}
+
 
 def filtered_train_val(cfg: dict[str, Any], bundle: ModelBundle, attacker: bool = False) -> TrainVal:
     """Train/val prompts, keeping (as Arditi et al.) harmful ones the model refuses (score > 0) and
@@ -427,9 +433,8 @@ def reselected_k1(cfg: dict[str, Any], bundle: ModelBundle, sets: TestSets) -> d
     sel, _ = discover_direction(cfg, bundle, tv)
     with orthogonalized(bundle, sel.unit[:, None]):
         comps = completions(cfg, bundle, sets.harmful, desc=f"{bundle.name} K=1")
-    fallback = {k: r["passed"] for k, r in tv.report.items() if r.get("fallback")}
     return {"refusal_rate_harmful": rates_by_source(cfg, sets.harmful, comps),
-            **({"filter_fallback": fallback} if fallback else {}),
+            **({"filter_fallback": tv.filter_fallback} if tv.filter_fallback else {}),
             "direction": {"layer": sel.layer, "position": sel.position, "fallback": sel.fallback,
                           "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5),
                           # > 0 when adding the direction makes harmless prompts refused (Arditi et al.'s check);
