@@ -90,3 +90,24 @@ def test_compare_summaries_ignores_volatile_keys_and_names_differences():
     b["base"]["ci"][1] = 0.61
     assert cmp.diff(a, b, 0.0) == ["/base/ci[1]: 0.6 vs 0.61"]
     assert cmp.diff(a, b, 0.05) == []
+
+
+def test_compare_summaries_ignores_every_clock_in_a_training_entry():
+    """Two runs of the same training differ only in their clocks; every timing key training_entry writes
+    must be volatile, or the reproducibility check in run_tests.sh fails on a slower second run."""
+    import importlib.util
+    from pathlib import Path
+
+    from refusal_rank.defense_run import training_entry
+
+    spec = importlib.util.spec_from_file_location("cmp", Path(__file__).resolve().parents[1] / "tools" / "compare_summaries.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+
+    def record(scale: float) -> dict:
+        return {"steps": 3, "seconds": 3.0 * scale, "tokens": 300, "tokens_per_s": 100 / scale, "padded_tokens": 330,
+                "history": [{"step": i, "loss": 1.0, "sec": scale * (1 + i)} for i in range(3)]}
+
+    first, second = training_entry(record(1.0), 50.0, 4e8), training_entry(record(1.3), 61.0, 4e8)
+    assert first["median_step_s"] != second["median_step_s"]  # the clocks did differ
+    assert cmp.diff({"training": {"d": first}}, {"training": {"d": second}}, 0.0) == []

@@ -13,7 +13,8 @@ import sys
 from typing import Any
 
 VOLATILE = {"created", "commit", "timings_s", "timings_fresh", "throughput", "seconds", "tokens_per_s", "bench",
-            "peak_gflops", "fraction_of_peak", "effective_fraction_of_peak", "achieved_gflops"}  # speeds measured in the run
+            "peak_gflops", "fraction_of_peak", "effective_fraction_of_peak", "achieved_gflops",
+            "median_step_s"}  # speeds measured in the run
 
 
 def diff(a: Any, b: Any, rtol: float, path: str = "") -> list[str]:
