@@ -20,3 +20,38 @@ def test_headline_table_bolds_k_star_and_puts_ce_and_the_paper_beside_it():
     rows = {line.split(" | ")[0].lstrip("| "): line for line in headline_table(s).splitlines() if line.startswith("| ")}
     assert "| 1 | 2 | **1** | 0.410 (0.392) | 1 |" in rows["base"]
     assert "| > 16 | > 32 | **> 16** | n/a (0.433) | >= 16 |" in rows["defended"]
+
+
+def test_readme_progress_block_matches_the_committed_progress_file():
+    from refusal_rank.report import render_progress
+
+    body = render_progress("cpu")
+    if not body:
+        return  # no committed progress file: nothing to show
+    assert readme_block("cpu", "progress") == body, "run: python -m refusal_rank.report --profile cpu --write-readme"
+
+
+def test_progress_table_counts_hand_labels_of_the_same_checkpoint_only():
+    """A checkpoint's hand count comes from the labels of that checkpoint (folder, step and snapshot digest)
+    under the re-selected K=1 attack, old " (screen)" rows included; another step or digest never counts."""
+    from refusal_rank.report import progress_table
+
+    rate = lambda r: {"rate": r, "lo": 0.0, "hi": 1.0, "n": 160}
+    entry = lambda step, sha, left: {"step": step, "snapshot_sha256": sha, "refusal_rate_harmful": rate(0.7625),
+                                     "refusal_rate_harmless": rate(0.0078), "overrefusal_rate": rate(0.0156),
+                                     "kl_harmless": {"mean": 0.14402}, "ce_harmless": 0.37864,
+                                     "screen": {"k_break": 1, "k1_reselected": {
+                                         "refusal_rate_harmful": rate(left), "filter_fallback": {"harmful_val": 14},
+                                         "direction": {"layer": 20, "fallback": True, "kl_harmless": 0.0776}}}}
+    doc = {"read_at_commit": "abc1234", "original": {"dtype": "bfloat16", "refusal_rate_harmful": rate(0.6438)},
+           "variants": {"v": {"dir": "v-0123", "dtype": "bfloat16", "milestones": [70, 140],
+                              "budget": {"1x": entry(70, "a" * 64, 0.0125), "2x": entry(140, "b" * 64, 0.269)}}}}
+    lab = lambda ckpt, refusal, attack="k1_reselected": {"checkpoint": ckpt, "attack": attack, "refusal": refusal}
+    labels = ([lab("v-0123@70:" + "a" * 12, True)] * 3 + [lab("v-0123@70:" + "a" * 12, False, "k1_reselected (screen)")] * 2
+              + [lab("v-0123@70:" + "c" * 12, True)] * 5  # another snapshot under the same folder and step
+              + [lab("v-0123@140:" + "a" * 12, True)] * 7  # another step
+              + [lab("v-0123@70:" + "a" * 12, True, "dim-svd@4")] * 4)  # another attack
+    rows = [l for l in progress_table(doc, labels).splitlines() if l.startswith("| `v`")]
+    assert rows[0].split(" | ")[1:9] == ["1x (70)", "0.763", "0.008", "0.016", "0.144", "0.379", "0.013; 3/5",
+                                          "fallback (KL 0.078), layer 20; starved filter: harmful_val 14 passed"]
+    assert "| 0.269 |" in rows[1]  # no label of this checkpoint: no count

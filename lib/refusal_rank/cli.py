@@ -172,8 +172,8 @@ def cmd_progress(a: argparse.Namespace) -> int:
     """The background queue's progress from the caches alone (no model): each variant's milestones and the
     headline numbers of every checkpoint already measured; ``--write`` keeps them in
     ``results/<profile>/queue_progress.json`` so that measurements finished in one session can be committed
-    before notebook 03 gathers them all. Entries of that file which the cache lacks (a new machine) are kept,
-    marked as carried (``defense_run.merge_progress``)."""
+    before notebook 03 gathers them all, and rewrites the README's progress block from it. Entries of that file
+    which the cache lacks (a new machine) are kept, marked as carried (``defense_run.merge_progress``)."""
     import json
 
     from . import defense_run as R
@@ -214,6 +214,10 @@ def cmd_progress(a: argparse.Namespace) -> int:
                        "entries into summary.json", "original": original, "variants": progress}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")
+        from .report import write_readme
+
+        if write_readme(cfg["profile"], ("progress",)):
+            print("wrote README.md's progress block")
     return 0
 
 

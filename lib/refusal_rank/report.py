@@ -169,6 +169,105 @@ def gallery(profile: str) -> str:
     return "\n".join(f"- `{f.stem}`: ![{f.stem}]({f.relative_to(REPO_ROOT).as_posix()})" for f in figs)
 
 
+def hand_count(labels: list[dict[str, Any]], checkpoint: str, attack: str = "k1_reselected") -> tuple[int, int] | None:
+    """(refusals, n) among the hand labels of ``checkpoint``'s completions under ``attack`` (rows drawn by
+    ``tools/judge_sample.py --from-screen``, which records the checkpoint's cache name), or None if none.
+    Rows written before the tool's attack name lost its " (screen)" suffix count under the same attack."""
+    rows = [r for r in labels if r.get("checkpoint") == checkpoint
+            and (r.get("attack") or "").removesuffix(" (screen)") == attack]
+    return (sum(bool(r["refusal"]) for r in rows), len(rows)) if rows else None
+
+
+def _fix3(x: float | None) -> str:
+    """Three decimals, halves rounded up as in the text (0.7625 = 122/160 reads 0.763, not float's 0.762)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return "" if x is None else str(Decimal(str(x)).quantize(Decimal("0.001"), ROUND_HALF_UP))
+
+
+def _k1_direction(screen: dict[str, Any]) -> str:
+    """How the re-selected K=1 attack found its direction: selected, or a fallback with its own KL; and the
+    splits where the attacker's refusal filter kept too few prompts."""
+    k1 = screen.get("k1_reselected") or {}
+    d = k1.get("direction") or {}
+    if not d:
+        return ""
+    text = (f"fallback (KL {_fix3(d['kl_harmless'])})" if d.get("fallback") else "selected") \
+        + f", layer {d.get('layer')}"
+    starved = k1.get("filter_fallback") or {}
+    if starved:
+        text += "; starved filter: " + ", ".join(f"{k} {v} passed" for k, v in sorted(starved.items()))
+    return text
+
+
+def progress_table(doc: dict[str, Any], labels: list[dict[str, Any]]) -> str:
+    """The budget curve as far as the background queue has measured it (``results/<profile>/
+    queue_progress.json``): every measured checkpoint's rates, first-token KL, CE, what the re-selected K=1
+    attack leaves (marker judge; hand labels of the same checkpoint's attacked completions where read) and
+    the screen's K_break. Notebook 03 draws the same entries once the queue has finished."""
+    variants = doc.get("variants") or {}
+    if not variants:
+        return ""
+    orig = doc.get("original") or {}
+    r = lambda e, k: _fix3((e.get(k) or {}).get("rate"))
+    dtypes = {d for d in [orig.get("dtype")] + [v.get("dtype") for v in variants.values()] if d}
+    one = len(dtypes) == 1
+    tag = lambda d: "" if one else f" ({d})"
+    lines = [f"Read at commit `{doc.get('read_at_commit')}` from the run cache (`refusal-rank progress --write`)"
+             + (f", every model in {next(iter(dtypes))}" if one else "") + "; rates on the test sets, marker judge, "
+             "with the hand-read count where completions were labelled.", "",
+             "| model | budget (steps) | harmful refusal | harmless | over-refusal | first-token KL | CE | left under "
+             "re-selected K=1 (markers; by hand) | K=1 direction | screen K_break |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    if orig:
+        lines.append(f"| original{tag(orig.get('dtype'))} | | {r(orig, 'refusal_rate_harmful')} | "
+                     f"{r(orig, 'refusal_rate_harmless')} | {r(orig, 'overrefusal_rate')} | 0 | | | | |")
+    for name, v in variants.items():
+        for label, e in (v.get("budget") or {}).items():
+            screen = e.get("screen") or {}
+            k1 = (screen.get("k1_reselected") or {}).get("refusal_rate_harmful") or {}
+            left = _fix3(k1.get("rate"))
+            hand = hand_count(labels, f"{v.get('dir')}@{e.get('step')}:{(e.get('snapshot_sha256') or '')[:12]}")
+            if hand:
+                left += f"; {hand[0]}/{hand[1]}"
+            kl = (e.get("kl_harmless") or {}).get("mean")
+            ce = e.get("ce_harmless")
+            lines.append(f"| `{name}`{tag(v.get('dtype'))} | {label} ({e.get('step')}) | {r(e, 'refusal_rate_harmful')} | "
+                         f"{r(e, 'refusal_rate_harmless')} | {r(e, 'overrefusal_rate')} | "
+                         f"{_fix3(kl)} | {_fix3(ce)} | {left} | "
+                         f"{_k1_direction(screen)} | {screen.get('k_break', '')} |")
+    moments = [(name, v) for name, v in variants.items() if v.get("moments")]
+    if moments:
+        lines += ["", "Moment diagnostics on fixed defense prompts, read at the variant's sites, before training and at "
+                  "each variant's last measured milestone; the matched term's value at the start and end of training "
+                  "against its noise floor (the same term between two halves of the harmless class):", "",
+                  "| model | at | sites | matched term: start -> end (noise floor) | class-mean gap² | total variance | "
+                  "top eigenvalue of the excess second moment |", "|---|---|---|---|---|---|---|"]
+        arrow = lambda m, k: f"{m[k + '_before']:.0f} -> {m[k + '_after']:.0f}" if k + "_before" in m else ""
+        for name, v in moments:
+            m = v["moments"]
+            last = max(v.get("milestones") or [0])
+            term = (f"{m['term']}: {_fix3(m['start'])} -> {_fix3(m['end'])} ({_fix3(m['noise_floor'])})"
+                    if m.get("term") else "none")
+            at = next((label for label, e in (v.get("budget") or {}).items() if e.get("step") == last), f"step {last}")
+            lines.append(f"| `{name}` | {at} | {m.get('sites', '')} | {term} | {arrow(m, 'gap_sq')} | {arrow(m, 'total_var')} | "
+                         f"{arrow(m, 'top_eig')} |")
+    return "\n".join(lines)
+
+
+def render_progress(profile: str) -> str:
+    """:func:`progress_table` of the committed ``queue_progress.json`` and hand labels ("" without one)."""
+    import json
+
+    from .config import results_dir
+    from .judge import load_labels
+
+    path = results_dir(profile) / "queue_progress.json"
+    if not path.is_file():
+        return ""
+    return progress_table(json.loads(path.read_text()), load_labels())
+
+
 def render(profile: str) -> str:
     s = read_summary(profile)
     if not s:
@@ -182,16 +281,19 @@ def _block(kind: str, profile: str) -> re.Pattern:
     return re.compile(rf"(<!-- {kind}:{re.escape(profile)}:begin -->\n).*?(<!-- {kind}:{re.escape(profile)}:end -->)", re.S)
 
 
-def write_readme(profile: str) -> bool:
-    """Replace the README's generated blocks for ``profile``: results (tables) and gallery (figures)."""
+def write_readme(profile: str, kinds: tuple[str, ...] = ("results", "gallery", "progress")) -> bool:
+    """Replace the README's generated blocks for ``profile``: results (tables), gallery (figures) and
+    progress (the background queue's measured checkpoints), each where the README has it. False if it has
+    none of ``kinds``."""
     path = REPO_ROOT / "README.md"
     text = path.read_text()
-    if not _block("results", profile).search(text):
-        return False
-    for kind, body in (("results", render(profile)), ("gallery", gallery(profile))):
+    make = {"results": render, "gallery": gallery, "progress": render_progress}
+    found = [k for k in kinds if _block(k, profile).search(text)]
+    for kind in found:
+        body = make[kind](profile)
         text = _block(kind, profile).sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     path.write_text(text)
-    return True
+    return bool(found)
 
 
 def readme_block(profile: str, kind: str = "results") -> str | None:
