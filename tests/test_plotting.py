@@ -80,7 +80,11 @@ def draw_all(cfg) -> dict[str, object]:
         "03_1_training_curves": F.training_curves(records),
         "03_2_terms_vs_floor": F.term_vs_floor(moments),
         "03_3_screen_vs_budget": F.screen_vs_budget(budget, 0.3, {"paper: instruct (1)": 1, "paper (16)": 16}),
-        "04_1_refusal_vs_k": F.sweep_curves(sweeps, 0.3, 80, {m: rate(0.7) for m in MODELS}),
+        "04_1_refusal_vs_k": F.sweep_curves(sweeps, 0.3, 80, {m: rate(0.7) for m in MODELS},
+                                            note="Attack grid: every layer read; " + "a long note that wraps " * 12),
+        "04_2_optimized_loss": F.optimized_loss_curves(
+            {m: {1: {"cov-diff": [0.6, 0.3, 0.2], "pca-centered": [0.5, 0.4, 0.1]}, 2: {"warm": [0.3, 0.2, 0.15]}}
+             for m in MODELS[:2]}, 3, 8),
         "05_1_probes_per_layer": F.probes_per_layer(REPORTS, LAST_TOKEN, 0.6, PROBE_N),
         "05_2_spectra": F.probe_spectra({m: torch.linspace(5, 0.1, 20) for m in MODELS},
                                         {m: {"vals": torch.linspace(3, -0.2, 16), "edge": 0.5} for m in MODELS},
@@ -106,7 +110,7 @@ def png_dpi(path) -> float:
 def test_every_figure_is_redrawn_from_its_values_alone(drawn):
     repo, _, again, missing = drawn
     figs = repo / "figures" / "scratch"
-    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 12
+    assert len(list((repo / "results" / "scratch" / "figure_data").glob("*.json"))) == 13
     assert sorted(again) == sorted(p.stem for p in figs.glob("*.png"))
     for name in again:
         for ext in ("png", "pdf"):

@@ -436,21 +436,30 @@ def unattacked_rates(summary: dict[str, Any] | str) -> dict[str, dict[str, Any]]
 
 
 def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float, n: int,
-                 unattacked: dict[str, dict[str, Any]] | None = None) -> plt.Figure:
+                 unattacked: dict[str, dict[str, Any]] | None = None, note: str = "") -> plt.Figure:
     """Harmful refusal vs K, one panel per model, one line per estimator: the score proxy (share of prompts
     with a positive refusal score, dashed) and the generated, marker-judged rate with its interval (points).
     ``unattacked``: each model's rate without an attack, drawn at K = 0. Panels share the K axis;
-    estimators are offset slightly along it so that equal values stay visible."""
+    estimators are offset slightly along it so that equal values stay visible. ``note`` (the attack grid)
+    is printed under the title, part of the figure's saved values."""
     point = lambda v: {"score_rate": v.get("score_rate"),
                        **({"refusal_rate_harmful": {k: v["refusal_rate_harmful"][k] for k in ("rate", "lo", "hi", "n")}}
                           if "refusal_rate_harmful" in v else {})}
     slim = {m: {e: {str(k): point(v) for k, v in r["per_k"].items()} for e, r in by.items()} for m, by in sweeps.items()}
     k0 = {m: {k: v[k] for k in ("rate", "lo", "hi", "n")} for m, v in (unattacked or {}).items() if m in sweeps}
-    return _sweep_curves(per_k=slim, threshold=float(threshold), n=int(n), unattacked=k0)
+    return _sweep_curves(per_k=slim, threshold=float(threshold), n=int(n), unattacked=k0, note=note)
+
+
+def _title_with_note(title: str, note: str, width: int = 110) -> str:
+    """A suptitle with a note wrapped under it: constrained layout makes room for a suptitle, never for a
+    free ``fig.text``, which would overlap a legend below the axes."""
+    import textwrap
+
+    return title + "".join("\n" + line for line in textwrap.wrap(note, width)) if note else title
 
 
 @_figure("sweep_curves")
-def _sweep_curves(per_k, threshold, n, unattacked) -> plt.Figure:
+def _sweep_curves(per_k, threshold, n, unattacked, note="") -> plt.Figure:
     models = list(per_k)
     ests = list(dict.fromkeys(e for m in models for e in per_k[m]))
     shift = {e: 2 ** (0.08 * (i - (len(ests) - 1) / 2)) for i, e in enumerate(ests)}
@@ -500,8 +509,37 @@ def _sweep_curves(per_k, threshold, n, unattacked) -> plt.Figure:
                 Line2D([], [], color="0.35", marker="o", mfc="white", ls="none",
                        label="K = 0: unattacked" + (f" (all {k0_n.pop()} test prompts)" if len(k0_n) == 1 else " (all test prompts)")),
                 Line2D([], [], color="black", ls=":", label=f"broken below {threshold}")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=5)
-    fig.suptitle(f"Rank-K ablation as a weight edit, {n} harmful test prompts", fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncol=4)
+    fig.suptitle(_title_with_note(f"Rank-K ablation as a weight edit, {n} harmful test prompts", note), fontsize=8)
+    return fig
+
+
+def optimized_loss_curves(curves: dict[str, dict[int, dict[str, list[float]]]], steps: int, batch_per_class: int) -> plt.Figure:
+    """The optimised attacker's training loss per step, one panel per model: one line per K (line style) and
+    trained start (the colour of the estimator it started from; ``warm``: the previous K's basis extended)."""
+    return _optimized_loss_curves(curves=curves, steps=int(steps), batch_per_class=int(batch_per_class))
+
+
+@_figure("optimized_loss")
+def _optimized_loss_curves(curves, steps, batch_per_class) -> plt.Figure:
+    models = list(curves)
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(min(TWO_COLUMNS, ONE_COLUMN * max(len(models), 1)), 2.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    styles = ("-", "--", ":", "-.")
+    for ax, m in zip(axes[0], models):
+        by_k = sorted(curves[m].items(), key=lambda kv: int(kv[0]))
+        for i, (k, by_start) in enumerate(by_k):
+            for start, loss in by_start.items():
+                look = ESTIMATOR_LOOK.get(start) or (Look("0.35", "o") if start == "warm" else _stable_spare(start))
+                ax.plot(range(1, len(loss) + 1), loss, lw=0.9, ls=styles[i % len(styles)], color=look.color,
+                        label=f"K={k} from {start}")
+        ax.set_title(m, color=model_look(m).color)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("training loss (one batch a step)")
+    fig.suptitle(f"Optimised attacker: {steps} steps per K and trained start, batch {batch_per_class} + {batch_per_class}",
+                 fontsize=8)
     return fig
 
 

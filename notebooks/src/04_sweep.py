@@ -39,7 +39,6 @@ models = None  # None: every model of the profile's [sweep] models
 import json
 import time
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from refusal_rank import pipeline as P
@@ -88,11 +87,11 @@ for m in sc["models"]:
     del bundle, ctx
 
 # %%
-fig = plotting.sweep_curves(sweeps, sc["threshold"], len(prompts), plotting.unattacked_rates(cfg["profile"]))
-fig.text(0.5, 0.005, f"Attack grid: every layer read (drop_last_frac={sc['drop_last_frac']}); one-layer estimators choose "
-         f"their site among every {sc['site_layer_stride']} layer(s) x positions {sc['site_positions'] or 'all'}; iterated: "
-         f"layers below {1 - sc['iterated_drop_last_frac']:.0%} depth, stride {sc['iterated_layer_stride']}. Points at "
-         f"{cfg['eval']['max_new_tokens']} tokens.", ha="center", va="bottom", fontsize=7)
+grid = (f"Attack grid: every layer read (drop_last_frac={sc['drop_last_frac']}); one-layer estimators choose their site "
+        f"among every {sc['site_layer_stride']} layer(s) x positions {sc['site_positions'] or 'all'}; iterated: layers below "
+        f"{1 - sc['iterated_drop_last_frac']:.0%} depth, stride {sc['iterated_layer_stride']}. Points at "
+        f"{cfg['eval']['max_new_tokens']} tokens.")
+fig = plotting.sweep_curves(sweeps, sc["threshold"], len(prompts), plotting.unattacked_rates(cfg["profile"]), note=grid)
 plotting.save(fig, cfg, "04_1_refusal_vs_k")
 
 # %% [markdown]
@@ -104,19 +103,7 @@ plotting.save(fig, cfg, "04_1_refusal_vs_k")
 # %%
 curves = S.optimized_curves(sweeps)
 if curves:
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves), 3.2), squeeze=False)
-    for ax, (m, by_k) in zip(axes[0], curves.items()):
-        for k, by_start in sorted(by_k.items()):
-            for start, loss in by_start.items():
-                ax.plot(range(1, len(loss) + 1), loss, lw=1, label=f"K={k} from {start}")
-        ax.set_title(m)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("training loss (one batch a step)")
-    fig.suptitle(f"Optimised attacker: {sc['optimized']['steps']} steps per K and trained start, batch "
-                 f"{sc['optimized']['batch_per_class']} + {sc['optimized']['batch_per_class']}", fontsize=9)
-    fig.tight_layout()
+    fig = plotting.optimized_loss_curves(curves, sc["optimized"]["steps"], sc["optimized"]["batch_per_class"])
     plotting.save(fig, cfg, "04_2_optimized_loss")
 
 # %% [markdown]
