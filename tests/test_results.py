@@ -77,13 +77,19 @@ def test_corrupted_cache_file_is_detected_by_hash_and_rebuilt(tmp_path):
     assert any("corrupted" in m for m in logs)
 
 
-def test_compare_summaries_ignores_volatile_keys_and_names_differences():
+def _compare_summaries():
+    """tools/compare_summaries.py as a module (a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("cmp", Path(__file__).resolve().parents[1] / "tools" / "compare_summaries.py")
     cmp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cmp)
+    return cmp
+
+
+def test_compare_summaries_ignores_volatile_keys_and_names_differences():
+    cmp = _compare_summaries()
     a = {"created": "x", "timings_s": {"01": 5}, "base": {"rate": 0.5, "ci": [0.4, 0.6]}, "training": {"d": {"seconds": 3}}}
     b = {"created": "y", "timings_s": {"01": 9}, "base": {"rate": 0.5, "ci": [0.4, 0.6]}, "training": {"d": {"seconds": 4}}}
     assert cmp.diff(a, b, 0.0) == []
@@ -95,14 +101,9 @@ def test_compare_summaries_ignores_volatile_keys_and_names_differences():
 def test_compare_summaries_ignores_every_clock_in_a_training_entry():
     """Two runs of the same training differ only in their clocks; every timing key training_entry writes
     must be volatile, or the reproducibility check in run_tests.sh fails on a slower second run."""
-    import importlib.util
-    from pathlib import Path
-
     from refusal_rank.defense_run import training_entry
 
-    spec = importlib.util.spec_from_file_location("cmp", Path(__file__).resolve().parents[1] / "tools" / "compare_summaries.py")
-    cmp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cmp)
+    cmp = _compare_summaries()
 
     def record(scale: float) -> dict:
         return {"steps": 3, "seconds": 3.0 * scale, "tokens": 300, "tokens_per_s": 100 / scale, "padded_tokens": 330,

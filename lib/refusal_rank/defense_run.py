@@ -269,8 +269,13 @@ def variant_model_name(cfg: dict[str, Any], name: str, step: int) -> str:
     snapshot's digest is part of it: a variant retrained under the same folder is a new model, never one
     whose completions are reused."""
     vdir = variant_path(cfg, name)
-    digest = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step)) or "unverified"
-    return f"{vdir.name}@{step}:{digest[:12]}"
+    return checkpoint_name(vdir.name, step, snapshot_digest(snapshot_path(vdir / "ckpt.pt", step)) or "unverified")
+
+
+def checkpoint_name(folder: str, step: int, digest: str) -> str:
+    """The model name of a variant folder's snapshot at ``step`` with sha256 ``digest`` (see
+    :func:`variant_model_name`); hand labels record it, and the README's progress table matches on it."""
+    return f"{folder}@{step}:{digest[:12]}"
 
 
 def load_variant(cfg: dict[str, Any], name: str, step: int | None = None) -> ModelBundle:

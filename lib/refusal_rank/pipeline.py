@@ -433,8 +433,9 @@ def reselected_k1(cfg: dict[str, Any], bundle: ModelBundle, sets: TestSets) -> d
     sel, _ = discover_direction(cfg, bundle, tv)
     with orthogonalized(bundle, sel.unit[:, None]):
         comps = completions(cfg, bundle, sets.harmful, desc=f"{bundle.name} K=1")
+    starved = tv.filter_fallback
     return {"refusal_rate_harmful": rates_by_source(cfg, sets.harmful, comps),
-            **({"filter_fallback": tv.filter_fallback} if tv.filter_fallback else {}),
+            **({"filter_fallback": starved} if starved else {}),
             "direction": {"layer": sel.layer, "position": sel.position, "fallback": sel.fallback,
                           "refusal_score_val_ablated": round(sel.refusal_score, 4), "kl_harmless": round(sel.kl_harmless, 5),
                           # > 0 when adding the direction makes harmless prompts refused (Arditi et al.'s check);

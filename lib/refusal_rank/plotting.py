@@ -530,7 +530,7 @@ def _optimized_loss_curves(curves, steps, batch_per_class) -> plt.Figure:
         by_k = sorted(curves[m].items(), key=lambda kv: int(kv[0]))
         for i, (k, by_start) in enumerate(by_k):
             for start, loss in by_start.items():
-                look = ESTIMATOR_LOOK.get(start) or (Look("0.35", "o") if start == "warm" else _stable_spare(start))
+                look = Look("0.35", "o") if start == "warm" else estimator_look(start)
                 ax.plot(range(1, len(loss) + 1), loss, lw=0.9, ls=styles[i % len(styles)], color=look.color,
                         label=f"K={k} from {start}")
         ax.set_title(m, color=model_look(m).color)

@@ -205,6 +205,8 @@ def progress_table(doc: dict[str, Any], labels: list[dict[str, Any]]) -> str:
     queue_progress.json``): every measured checkpoint's rates, first-token KL, CE, what the re-selected K=1
     attack leaves (marker judge; hand labels of the same checkpoint's attacked completions where read) and
     the screen's K_break. Notebook 03 draws the same entries once the queue has finished."""
+    from .defense_run import checkpoint_name
+
     variants = doc.get("variants") or {}
     if not variants:
         return ""
@@ -227,7 +229,7 @@ def progress_table(doc: dict[str, Any], labels: list[dict[str, Any]]) -> str:
             screen = e.get("screen") or {}
             k1 = (screen.get("k1_reselected") or {}).get("refusal_rate_harmful") or {}
             left = _fix3(k1.get("rate"))
-            hand = hand_count(labels, f"{v.get('dir')}@{e.get('step')}:{(e.get('snapshot_sha256') or '')[:12]}")
+            hand = hand_count(labels, checkpoint_name(v.get("dir"), e.get("step"), e.get("snapshot_sha256") or ""))
             if hand:
                 left += f"; {hand[0]}/{hand[1]}"
             kl = (e.get("kl_harmless") or {}).get("mean")
