@@ -264,3 +264,22 @@ def test_figure_data_from_summary_reads_what_notebook_05_writes(tmp_path, monkey
     assert [p.stem for p in (d / "figure_data").glob("05_*.json")] == ["05_3_probe_vs_removed"]
     assert "rerun notebook 05" in capsys.readouterr().out
     matplotlib.pyplot.close("all")
+
+
+@pytest.mark.parametrize("n_models", range(1, 7))
+def test_per_model_panels_keep_room_for_every_count_the_configs_sweep(n_models):
+    """Notebook 04's figures draw one panel per model; the tiny profile sweeps six. Six in one row once
+    collapsed the optimised attacker's panels (a layout warning in the executed notebook): every count
+    from one to six must lay out."""
+    import io
+    import warnings
+
+    models = ["base", "defended", "kl_only", "paper_mean", "mean_matched", "ablation_aware"][:n_models]
+    loss = {k: {s: [0.9, 0.5, 0.3] for s in ("cov-diff", "pca-centered", "warm")} for k in (1, 2, 4)}
+    sweeps = {m: {e: {"per_k": {1: {"score_rate": 0.2, "refusal_rate_harmful": rate(0.2)}}} for e in ESTS} for m in models}
+    figs = [F.optimized_loss_curves({m: loss for m in models}, 3, 8),
+            F.sweep_curves(sweeps, 0.3, 80, {m: rate(0.7) for m in models}, note="Attack grid: " + "words " * 40)]
+    for fig in figs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fig.savefig(io.BytesIO(), format="png", dpi=72, bbox_inches="tight")

@@ -523,21 +523,30 @@ def optimized_loss_curves(curves: dict[str, dict[int, dict[str, list[float]]]], 
 @_figure("optimized_loss")
 def _optimized_loss_curves(curves, steps, batch_per_class) -> plt.Figure:
     models = list(curves)
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(min(TWO_COLUMNS, ONE_COLUMN * max(len(models), 1)), 2.6),
+    ncol = min(max(len(models), 1), 3)  # six panels in one row collapse under constrained layout
+    nrow = math.ceil(max(len(models), 1) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(TWO_COLUMNS, ONE_COLUMN * ncol), 2.0 * nrow + 0.7),
                              squeeze=False, sharey=True, layout="constrained")
     styles = ("-", "--", ":", "-.")
-    for ax, m in zip(axes[0], models):
+    handles: dict[str, Line2D] = {}
+    for ax, m in zip(axes.flat, models):
         by_k = sorted(curves[m].items(), key=lambda kv: int(kv[0]))
         for i, (k, by_start) in enumerate(by_k):
             for start, loss in by_start.items():
                 look = Look("0.35", "o") if start == "warm" else estimator_look(start)
-                ax.plot(range(1, len(loss) + 1), loss, lw=0.9, ls=styles[i % len(styles)], color=look.color,
-                        label=f"K={k} from {start}")
+                (line,) = ax.plot(range(1, len(loss) + 1), loss, lw=0.9, ls=styles[i % len(styles)], color=look.color,
+                                  label=f"K={k} from {start}")
+                handles.setdefault(line.get_label(), line)
         ax.set_title(m, color=model_look(m).color)
-        ax.set_xlabel("step")
         ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("training loss (one batch a step)")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    for ax in list(axes.flat)[:len(models)]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss (one batch a step)")
+    if handles:  # one legend for every panel: the same K and start draw alike in each
+        fig.legend(handles=list(handles.values()), loc="outside lower center", ncol=min(len(handles), 4), fontsize=6)
     fig.suptitle(f"Optimised attacker: {steps} steps per K and trained start, batch {batch_per_class} + {batch_per_class}",
                  fontsize=8)
     return fig
