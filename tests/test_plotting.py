@@ -283,3 +283,18 @@ def test_per_model_panels_keep_room_for_every_count_the_configs_sweep(n_models):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fig.savefig(io.BytesIO(), format="png", dpi=72, bbox_inches="tight")
+
+
+def test_an_unreached_k_erase_sits_inside_its_panel_beside_the_small_ones():
+    """k_erase is 1-5 where reached and the whole budget (48 on cpu) where not: the budget's open marker must
+    lie inside the panel with its value as a tick, and 1 and 2 must stay apart (the linear axis once clipped
+    the marker and squeezed every reached value into the bottom tenth)."""
+    reports = {"base": {l: {**REPORTS["base"][1], "k_erase": None if l == 1 else l, "k_erase_budget": 48} for l in (1, 2, 3)}}
+    fig = F.probes_per_layer(reports, {}, 0.6, PROBE_N)
+    ke = fig.axes[3]
+    lo, hi = ke.get_ylim()
+    assert 48 < hi and lo < 1
+    assert 48 in [round(t) for t in ke.get_yticks()]
+    to_px = lambda y: ke.transData.transform((0, y))[1]
+    panel = to_px(hi) - to_px(lo)
+    assert (to_px(2) - to_px(1)) > 0.08 * panel

@@ -630,8 +630,8 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
         wh.plot(x, [nan(by[l]["n_sig"]) for l in ls], **{**kw, "ls": "--", "mfc": "white", "lw": 0.9})
         ke.plot([xi + shift for xi in x], [nan(by[l]["k_erase"]) for l in ls], **kw)
         miss = [(xi + shift, by[l]["budget"]) for xi, l in zip(x, ls) if by[l]["k_erase"] is None and by[l]["budget"] is not None]
-        if miss:
-            ke.plot(*zip(*miss), ls="none", marker=look.marker, mfc="white", mec=look.color, ms=5.5, mew=1)
+        if miss:  # drawn over the top spine when needed, never clipped
+            ke.plot(*zip(*miss), ls="none", marker=look.marker, mfc="white", mec=look.color, ms=5.5, mew=1, clip_on=False)
     acc.axhline(threshold, color="black", lw=0.8, ls=":")
     acc.set_ylabel("held-out accuracy")
     acc.set_title("linear probe (band: 95% CI), MLP (dashed),\nlinear on the last token (dotted)")
@@ -643,11 +643,17 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
     wh.set_ylim(0, max(1.05, wh.get_ylim()[1]))  # none above the edge: a flat 0 on a readable scale
     ke.set_ylabel("k_erase")
     ke.set_title(f"directions erased until linear acc. <= {threshold}\n(open marker at the budget: not reached)")
-    ke.set_ylim(-0.2, max([1] + [by[l]["budget"] or 0 for by in reports.values() for l in by]) + 0.6)  # room for the open markers
-    ke.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    # k_erase is a small count where it is reached and the whole budget (48 on cpu) where it is not: a
+    # symmetric log axis keeps 1-5 apart and the budget on the same panel
+    top = max([1] + [by[l]["budget"] or 0 for by in reports.values() for l in by])
+    ke.set_yscale("symlog", base=2, linthresh=1, linscale=0.5)
+    ke.set_ylim(-0.15, top * 1.25)
+    ke.set_yticks([k for k in (0, 1, 2, 4, 8, 16, 32, 64) if k < top * 0.8] + [top],
+                  [str(k) for k in (0, 1, 2, 4, 8, 16, 32, 64) if k < top * 0.8] + [str(top)])
+    ke.yaxis.set_minor_locator(mpl.ticker.NullLocator())
     for ax in axes[-1]:
         ax.set_xlabel("layer (block input)")
-        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, steps=[1, 2, 4, 5, 10]))
     handles = _model_handles(list(reports), ms=3)
     handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label=f"chance level ({threshold})"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7))
