@@ -298,3 +298,15 @@ def test_an_unreached_k_erase_sits_inside_its_panel_beside_the_small_ones():
     to_px = lambda y: ke.transData.transform((0, y))[1]
     panel = to_px(hi) - to_px(lo)
     assert (to_px(2) - to_px(1)) > 0.08 * panel
+
+
+def test_budget_curve_ticks_are_the_budgets_trained():
+    """03_3's budget axis is ticked at the prompt passes actually trained, each with its multiple of the
+    first (a reader thinks in 1x, 2x, 4x, 8x, not in powers of two), and K_break's axis in plain integers."""
+    e = lambda passes, kb: {"prompt_passes": passes, "refusal_rate_harmful": rate(0.6),
+                            "screen": {"k1_reselected": {"refusal_rate_harmful": rate(0.1)}, "k_screened": [1, 2, 4], "k_break": kb}}
+    budget = {"defended": {"1x": e(2240, 1), "2x": e(4480, 1), "4x": e(8960, None)}, "kl_only": {"1x": e(2240, 1)}}
+    fig = F.screen_vs_budget(budget, 0.3, {"paper (16)": 16})
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["2240\n(1x)", "4480\n(2x)", "8960\n(4x)"]
+    assert [t.get_text() for t in right.get_yticklabels()] == ["1", "2", "4", "8", "16"]

@@ -924,28 +924,41 @@ def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: fl
 def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(TWO_COLUMNS, 2.6), layout="constrained")
     nan = lambda v: np.nan if v is None else v
+    names = list(series)
+    # most variants share a K_break of 1 at every budget: offset them slightly along the (log) budget axis
+    shift = {n: 2 ** (0.05 * (i - (len(names) - 1) / 2)) for i, n in enumerate(names)}
     for name, d in series.items():
         look = model_look(name)
-        ax.plot(d["passes"], [nan(v) for v in d["k1"]], color=look.color, marker=look.marker, ms=3.5, lw=1)
-        ax.plot(d["passes"], [nan(v) for v in d["unattacked"]], color=look.color, marker=look.marker, mfc="white",
+        x = [p * shift[name] for p in d["passes"]]
+        ax.plot(x, [nan(v) for v in d["k1"]], color=look.color, marker=look.marker, ms=3.5, lw=1)
+        ax.plot(x, [nan(v) for v in d["unattacked"]], color=look.color, marker=look.marker, mfc="white",
                 ms=3.5, lw=0.9, ls=":")
-        ax2.plot(d["passes"], [k if k is not None else d["top"] + 1 for k in d["k_break"]], color=look.color,
+        ax2.plot(x, [k if k is not None else d["top"] + 1 for k in d["k_break"]], color=look.color,
                  marker=look.marker, ms=3.5, lw=1)
+    passes = sorted({p for d in series.values() for p in d["passes"]})
+    for a in (ax, ax2):  # ticks at the budgets trained, labelled with their multiple of the smallest
+        a.set_xscale("log", base=2)
+        a.set_xticks(passes, [f"{p}\n({p / passes[0]:g}x)" for p in passes] if passes else [])
+        a.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+        if passes:
+            a.set_xlim(passes[0] / 1.35, passes[-1] * 1.35)
+        a.set_xlabel("prompt passes (budget)")
     ax.axhline(threshold, color="0.3", ls="--", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt passes")
     ax.set_ylabel("harmful refusal (generated)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"re-selected K = 1 attack (dashed: broken below {threshold})")
     for label, k in paper_k.items():
         ax2.axhline(k, color="0.6", ls=":", lw=0.8)
-        ax2.annotate(label, (0.01, k), xycoords=("axes fraction", "data"), fontsize=6, color="0.35", va="bottom")
-    ax2.set_xscale("log", base=2)
+        ax2.annotate(label, (0.99, k), xycoords=("axes fraction", "data"), fontsize=6, color="0.35", va="bottom", ha="right")
     ax2.set_yscale("log", base=2)
-    ax2.set_xlabel("prompt passes")
+    top = max([1.0, *paper_k.values()] + [d["top"] + 1 for d in series.values()])
+    ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= top]
+    ax2.set_yticks(ticks, [str(k) for k in ticks])
+    ax2.yaxis.set_minor_locator(mpl.ticker.NullLocator())
+    ax2.set_ylim(0.8, top * 1.25)
     ax2.set_ylabel("screen K_break (top: none broke)")
     ax2.set_title("cheapest K that broke the model in the screen")
-    handles = _model_handles(list(series)) + [
+    handles = _model_handles(names) + [
         Line2D([], [], color="0.3", marker="o", label="under the attack"),
         Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
