@@ -450,6 +450,11 @@ def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float,
     return _sweep_curves(per_k=slim, threshold=float(threshold), n=int(n), unattacked=k0, note=note)
 
 
+def _pow2_ticks(top: float) -> list[int]:
+    """1, 2, 4, ... up to ``top`` (at most 128): the ticks of every axis that counts directions or K."""
+    return [2 ** i for i in range(8) if 2 ** i <= top]
+
+
 def _title_with_note(title: str, note: str, width: int = 110) -> str:
     """A suptitle with a note wrapped under it: constrained layout makes room for a suptitle, never for a
     free ``fig.text``, which would overlap a legend below the axes."""
@@ -491,7 +496,7 @@ def _sweep_curves(per_k, threshold, n, unattacked, note="") -> plt.Figure:
         ax.axvline(math.sqrt(k0_x), color="0.8", lw=0.6)  # separates the unattacked point from K >= 1
         ax.set_xscale("log", base=2)
         ax.set_xlim(0.38, max(k_all) * 1.4)
-        ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= max(k_all)]
+        ticks = _pow2_ticks(max(k_all))
         ax.set_xticks([k0_x] + ticks, ["0"] + [str(k) for k in ticks])
         ax.minorticks_off()
         ax.set_title(m, color=model_look(m).color)
@@ -648,8 +653,8 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
     top = max([1] + [by[l]["budget"] or 0 for by in reports.values() for l in by])
     ke.set_yscale("symlog", base=2, linthresh=1, linscale=0.5)
     ke.set_ylim(-0.15, top * 1.25)
-    ke.set_yticks([k for k in (0, 1, 2, 4, 8, 16, 32, 64) if k < top * 0.8] + [top],
-                  [str(k) for k in (0, 1, 2, 4, 8, 16, 32, 64) if k < top * 0.8] + [str(top)])
+    ticks = [0] + _pow2_ticks(top * 0.8) + [top]  # the budget labelled by itself, no power of two crowding it
+    ke.set_yticks(ticks, [str(k) for k in ticks])
     ke.yaxis.set_minor_locator(mpl.ticker.NullLocator())
     for ax in axes[-1]:
         ax.set_xlabel("layer (block input)")
@@ -952,7 +957,7 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
         ax2.annotate(label, (0.99, k), xycoords=("axes fraction", "data"), fontsize=6, color="0.35", va="bottom", ha="right")
     ax2.set_yscale("log", base=2)
     top = max([1.0, *paper_k.values()] + [d["top"] + 1 for d in series.values()])
-    ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= top]
+    ticks = _pow2_ticks(top)
     ax2.set_yticks(ticks, [str(k) for k in ticks])
     ax2.yaxis.set_minor_locator(mpl.ticker.NullLocator())
     ax2.set_ylim(0.8, top * 1.25)
