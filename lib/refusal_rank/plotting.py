@@ -450,6 +450,12 @@ def sweep_curves(sweeps: dict[str, dict[str, dict[str, Any]]], threshold: float,
     return _sweep_curves(per_k=slim, threshold=float(threshold), n=int(n), unattacked=k0, note=note)
 
 
+def _log_offsets(keys: Sequence[str], step: float) -> dict[str, float]:
+    """A factor per series, centred on 1 and ``step`` octaves apart: series that share a value on a log-2
+    axis are drawn side by side instead of on top of one another."""
+    return {k: 2 ** (step * (i - (len(keys) - 1) / 2)) for i, k in enumerate(keys)}
+
+
 def _pow2_ticks(top: float) -> list[int]:
     """1, 2, 4, ... up to ``top`` (at most 128): the ticks of every axis that counts directions or K."""
     return [2 ** i for i in range(8) if 2 ** i <= top]
@@ -467,7 +473,7 @@ def _title_with_note(title: str, note: str, width: int = 110) -> str:
 def _sweep_curves(per_k, threshold, n, unattacked, note="") -> plt.Figure:
     models = list(per_k)
     ests = list(dict.fromkeys(e for m in models for e in per_k[m]))
-    shift = {e: 2 ** (0.08 * (i - (len(ests) - 1) / 2)) for i, e in enumerate(ests)}
+    shift = _log_offsets(ests, 0.08)
     k_all = sorted({int(k) for m in models for r in per_k[m].values() for k in r} or {1})
     ncol = min(len(models), 4)
     nrow = math.ceil(len(models) / ncol)
@@ -931,7 +937,7 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
     nan = lambda v: np.nan if v is None else v
     names = list(series)
     # most variants share a K_break of 1 at every budget: offset them slightly along the (log) budget axis
-    shift = {n: 2 ** (0.05 * (i - (len(names) - 1) / 2)) for i, n in enumerate(names)}
+    shift = _log_offsets(names, 0.05)
     for name, d in series.items():
         look = model_look(name)
         x = [p * shift[name] for p in d["passes"]]
