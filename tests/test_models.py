@@ -1,7 +1,11 @@
-"""Clear errors when a model cannot be obtained; the offline assembly's hash check."""
+"""Clear errors when a model cannot be obtained; the offline assembly's hash check; memory handed back."""
 import hashlib
+import os
+import platform
+import sys
 
 import pytest
+import torch
 
 from refusal_rank import models as Mo
 from refusal_rank.config import load_config
@@ -150,3 +154,50 @@ def test_head_input_gets_row_major_strides_at_batch_one():
     assert canonical_strides(y) is y  # row-major already: no copy
     t = torch.randn(4, 3).T
     assert canonical_strides(t).stride() == (4, 1) and torch.equal(canonical_strides(t), t)
+
+
+def _rss_mib() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_release_freed_memory_returns_a_held_heap():
+    """The pattern that grew notebook 04 to 16 GB: blocks below glibc's (raised) mmap threshold come from the
+    heap, and once freed under a live block they stay resident until trimmed."""
+    from refusal_rank.models import release_freed_memory
+
+    big = torch.ones(30 * 2**20 // 4)  # a freed 30 MB block raises the mmap threshold above the 8 MB below
+    del big
+    blocks = [torch.ones(8 * 2**20 // 4) for _ in range(40)]  # 320 MB, written, from the heap
+    top = blocks[-1]  # alive above the others: the heap cannot shrink from its top by itself
+    del blocks
+    held = _rss_mib()
+    assert release_freed_memory()
+    assert held - _rss_mib() > 200, "the freed blocks stayed resident"
+    del top
+
+
+def test_weight_edits_and_packing_release_their_copies_on_exit(tiny, monkeypatch):
+    """orthogonalized (a copy of every residual writer) and packed_linears (a packed copy of every weight)
+    each hand their copies back when they end, on an error too."""
+    import copy
+
+    from refusal_rank import ablation, models
+
+    calls = []
+    monkeypatch.setattr(ablation, "release_freed_memory", lambda: calls.append("edit") or True)
+    monkeypatch.setattr(models, "release_freed_memory", lambda: calls.append("pack") or True)
+    U = torch.linalg.qr(torch.randn(tiny.d_model, 2, dtype=torch.float64))[0]
+    with ablation.orthogonalized(tiny, U):
+        pass
+    with pytest.raises(KeyError):
+        with ablation.orthogonalized(tiny, U):
+            raise KeyError("inside")
+    assert calls == ["edit", "edit"]
+    bf16 = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    if models.can_pack_linears(bf16):
+        with pytest.raises(KeyError):
+            with models.packed_linears(bf16):
+                raise KeyError("inside")
+        assert calls == ["edit", "edit", "pack"]
