@@ -404,21 +404,28 @@ def release_freed_memory() -> bool:
     and their copies come from the heap, and a freed heap is kept by the process, not returned. Notebook 04
     copies the residual writers on every weight edit (1.4 GB) and packs every weight for each generation call
     (3.1 GB), so its resident memory grew by gigabytes per K with no tensor alive: a sweep of one trained
-    model on cpu was killed for memory at 16 GB of RSS (2 models' worth). Measured on the cpu model, five
+    model on cpu was killed for memory at 16 GB of RSS. Measured on the cpu model, five
     cycles of edit + packed generation: RSS 6.75 -> 9.59 GB without a trim, flat at 3.91 GB with one after
     each cycle, at no visible cost in time."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (finding libc runs ``ldconfig``), or None off glibc."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl without it, Windows)
-        return False
+        return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True
+    return trim
 
 
 def can_pack_linears(model: Any) -> bool:
