@@ -189,6 +189,9 @@ def test_notebook_05_figures_keep_what_they_show(drawn):
     assert {matplotlib.colors.to_hex(l.get_color()) for l in acc.get_lines() if l.get_linestyle() != ":"} == model_colors
     assert len(acc.collections) == len(MODELS)  # one 95% band per model
     assert min(min(l.get_ydata()) for l in sep.get_lines()) == F.SEPARABILITY_FLOOR  # a 0 on the log axis
+    per_layer.canvas.draw()  # tick labels are made at draw time: plain numbers, no "2 x 10^1" or "1e-03"
+    sep_labels = [t.get_text() for t in sep.get_yticklabels(which="both") if t.get_text()]
+    assert sep_labels and not any("$" in t or "e-" in t or "e+" in t for t in sep_labels), sep_labels
     open_at_budget = [l for l in ke.get_lines() if l.get_linestyle() == "None" and l.get_markerfacecolor() == "white"]
     assert len(open_at_budget) == len(MODELS) and all(list(l.get_ydata()) == [4] for l in open_at_budget)
     assert all(abs(l.get_xdata()[0] - 3) < 0.2 for l in open_at_budget)  # at layer 3, models offset a little

@@ -461,6 +461,23 @@ def _pow2_ticks(top: float) -> list[int]:
     return [2 ** i for i in range(8) if 2 ** i <= top]
 
 
+class _PlainLogFormatter(mpl.ticker.LogFormatter):
+    """Labels of a log axis as plain numbers ("20", "0.3"), never "2 x 10^1" or "3e-01": which ticks get a
+    label is matplotlib's own choice (minor ticks only where the axis spans few decades)."""
+
+    def __init__(self, minor: bool = False) -> None:
+        super().__init__(labelOnlyBase=not minor, minor_thresholds=(2, 0.4))
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _plain_log_labels(axis: mpl.axis.Axis) -> None:
+    """Plain-number labels on a log-scaled axis (see :class:`_PlainLogFormatter`)."""
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(minor=True))
+
+
 def _title_with_note(title: str, note: str, width: int = 110) -> str:
     """A suptitle with a note wrapped under it: constrained layout makes room for a suptitle, never for a
     free ``fig.text``, which would overlap a legend below the axes."""
@@ -647,6 +664,7 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
     acc.set_ylabel("held-out accuracy")
     acc.set_title("linear probe (band: 95% CI), MLP (dashed),\nlinear on the last token (dotted)")
     sep.set_yscale("log")
+    _plain_log_labels(sep.yaxis)
     sep.set_ylabel("held-out separability (d'$^2$)")
     sep.set_title(f"Fisher separability (0 drawn at {SEPARABILITY_FLOOR:g})")
     wh.set_ylabel("whitened class difference")
@@ -666,7 +684,7 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
         ax.set_xlabel("layer (block input)")
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, steps=[1, 2, 4, 5, 10]))
     handles = _model_handles(list(reports), ms=3)
-    handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label=f"chance level ({threshold})"))
+    handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label=f"at chance: accuracy <= {threshold}"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7))
     fig.suptitle(f"Per layer, pooled post-instruction activations (probe train n={n['train']}, held-out test "
                  f"n={n['test']}, same sources)", fontsize=8)
@@ -771,7 +789,8 @@ def _attack_share(shares, n) -> plt.Figure:
     handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label="1 = all of it"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(ks) + 1, title="the attacker's top k directions")
     fig.suptitle(f"Held-out separability each attack's top k directions hold, and what remains without them "
-                 f"(probe train n={n['train']}, test n={n['test']})", fontsize=8)
+                 f"(probe train n={n['train']}, test n={n['test']})\nno bar: the attack computed fewer than k "
+                 f"directions", fontsize=8)
     return fig
 
 
@@ -867,7 +886,7 @@ def _removal_curves(curves, threshold, n) -> plt.Figure:
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     handles = [Line2D([], [], color=estimator_look(b).color, marker=estimator_look(b).marker, label=b) for b in bases]
-    handles.append(Line2D([], [], color="black", ls=":", label=f"chance level used for k_chance ({threshold})"))
+    handles.append(Line2D([], [], color="black", ls=":", label=f"at chance: accuracy <= {threshold} (k_erase, k_chance)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), title="basis removed")
     fig.suptitle(f"Linear probe at the attacker's layer as directions are removed (train n={n['train']}, test n={n['test']})", fontsize=8)
     return fig
