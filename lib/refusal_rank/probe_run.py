@@ -92,7 +92,7 @@ def by_source_rows(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def summary_layer(r: dict[str, Any]) -> dict[str, Any]:
     """What of one layer's report goes into ``probes.<model>.<layer>`` (the curves stay at the site)."""
     keep = ("effective_rank", "k_chance", "k_erase", "k_erase_budget", "linear_acc", "linear_ci", "mlp_acc", "by_source",
-            "transfer", "whitened", "leace", "separability", "C")
+            "transfer", "whitened", "leace", "separability", "total_var", "C")
     return {**{k: r[k] for k in keep if k in r}, "top_eigvals": r["top_eigvals"][:8]}
 
 
@@ -117,15 +117,22 @@ def reading(probes: dict[str, dict[str, Any]], site: dict[str, dict[str, Any]], 
     ``probes``, ``probes_site`` and ``probes_last_token``. The cases, checked in this order:
 
     * spread: a scale-free count of directions rose at the model's attacker layer against the base's:
-      the whitened class difference's participation ratio by ``spread_factor`` or more, or ``k_erase``
-      by ``k_margin`` or more (or it left the budget), or the share of separability the iterated
-      attacker's first direction holds fell by ``share_drop`` or more;
+      ``k_erase`` or the number of whitened eigenvalues above the noise edge by ``k_margin`` or more (or
+      k_erase left the budget), or the share of separability the iterated attacker's first direction holds
+      fell by ``share_drop`` or more, or the whitened participation ratio rose by ``spread_factor`` or more
+      while the number above the edge did not fall (the ratio also rises when the top direction alone
+      weakens, which leaves fewer directions, not more); and no count fell by ``k_margin`` or more (counts
+      that disagree are said, and not read as spread);
+    * concentrated (not one of the paper's cases, the opposite of spread): a count fell by ``k_margin`` or
+      more and none rose: fewer directions carry the signal than in the base;
     * moved: the layer of peak held-out separability moved by ``move_layers`` or more, or separability at
       the base's attacker layer fell by ``move_factor`` or more while the peak over layers did not;
     * weakened (none of the three, but it happens): held-out separability fell by ``move_factor`` or more at
       its peak over layers, so the linear signal is fainter everywhere, not elsewhere;
-    * shrunk: the median over common layers of the unwhitened top eigenvalue's ratio to the base's is
-      ``1/shrink_factor`` or less (a change of scale, which an ablation of unit directions ignores);
+    * shrunk: the median over common layers of the harmless class's total variance, as a ratio to the
+      base's, is ``1/shrink_factor`` or less (a change of scale, which an ablation of unit directions
+      ignores; the unwhitened top eigenvalue's ratio is quoted beside it, but it also falls when the class
+      difference alone shrinks);
     * left in place: none of these.
     The linear probe's held-out accuracy and the last-token lens are quoted in every sentence."""
     b = probes.get(base)
@@ -139,22 +146,38 @@ def reading(probes: dict[str, dict[str, Any]], site: dict[str, dict[str, Any]], 
         sm = site.get(m, {}).get("layer")
         rb, rm = b.get(str(sb), {}), by_layer.get(str(sm), {})
         ev: list[str] = []
-        flags = {"spread": False, "moved": False, "weakened": False, "shrunk": False}
+        flags = {"spread": False, "concentrated": False, "moved": False, "weakened": False, "shrunk": False}
         # spread
+        margin = knobs["k_margin"]
+        up, fell = False, []
+        nb, nm = (rb.get("whitened") or {}).get("n_sig"), (rm.get("whitened") or {}).get("n_sig")
+        if nb is not None and nm is not None:
+            ev.append(f"whitened eigenvalues above the noise edge {nb} -> {nm}")
+            up |= nm - nb >= margin
+            if nb - nm >= margin:
+                fell.append("the eigenvalues above the edge")
         wb, wm = (rb.get("whitened") or {}).get("rank"), (rm.get("whitened") or {}).get("rank")
         if wb and wm is not None:
             ratio = wm / wb
-            ev.append(f"whitened rank {_fmt(wb)} -> {_fmt(wm)} (x{ratio:.2f})")
-            flags["spread"] |= ratio >= knobs["spread_factor"]
+            fewer = nb is not None and nm is not None and nm < nb
+            ev.append(f"whitened participation ratio {_fmt(wb)} -> {_fmt(wm)} (x{ratio:.2f}"
+                      + (", over fewer eigenvalues above the edge: not counted as spread)" if fewer and ratio >= knobs["spread_factor"] else ")"))
+            up |= ratio >= knobs["spread_factor"] and not fewer
         kb, km = rb.get("k_erase"), rm.get("k_erase")
         if kb is not None or km is not None:
             ev.append(f"k_erase {_fmt(kb)} -> {_fmt(km) if km is not None else '> ' + str(rm.get('k_erase_budget'))}")
-            flags["spread"] |= (km is None and kb is not None) or (km is not None and kb is not None and km - kb >= knobs["k_margin"])
+            up |= (km is None and kb is not None) or (km is not None and kb is not None and km - kb >= margin)
+            if km is not None and kb is not None and kb - km >= margin:
+                fell.append("k_erase")
         hb = ((site.get(base, {}).get("attack_share") or {}).get("iterated") or {}).get("1", {}).get("held")
         hm = ((site.get(m, {}).get("attack_share") or {}).get("iterated") or {}).get("1", {}).get("held")
         if hb is not None and hm is not None:
             ev.append(f"share held by the iterated attacker's first direction {hb:.2f} -> {hm:.2f}")
-            flags["spread"] |= hb - hm >= knobs["share_drop"]
+            up |= hb - hm >= knobs["share_drop"]
+        flags["spread"] = up and not fell
+        flags["concentrated"] = bool(fell) and not up
+        if up and fell:
+            ev.append(f"the direction counts disagree ({' and '.join(fell)} fell): not read as spread")
         # moved
         sep_b, sep_m = _layer_map(b, lambda r: r.get("separability")), _layer_map(by_layer, lambda r: r.get("separability"))
         common = sorted(set(sep_b) & set(sep_m))
@@ -172,13 +195,18 @@ def reading(probes: dict[str, dict[str, Any]], site: dict[str, dict[str, Any]], 
             else:
                 ev.append(f"separability at the peak x{peak:.2f}")
         # shrunk
-        te_b = _layer_map(b, lambda r: (r.get("top_eigvals") or [None])[0])
-        te_m = _layer_map(by_layer, lambda r: (r.get("top_eigvals") or [None])[0])
-        ratios = [te_m[l] / te_b[l] for l in sorted(set(te_b) & set(te_m)) if te_b[l] > 0]
-        if ratios:
-            med = statistics.median(ratios)
-            ev.append(f"unwhitened top eigenvalue x{med:.2f} (median over {len(ratios)} layers)")
-            flags["shrunk"] = med <= 1 / knobs["shrink_factor"]
+        def median_ratio(key) -> tuple[float, int] | None:
+            mb, mm = _layer_map(b, key), _layer_map(by_layer, key)
+            ratios = [mm[l] / mb[l] for l in sorted(set(mb) & set(mm)) if mb[l] > 0]
+            return (statistics.median(ratios), len(ratios)) if ratios else None
+
+        tv = median_ratio(lambda r: r.get("total_var"))
+        if tv:
+            ev.append(f"total variance x{tv[0]:.2f} (median over {tv[1]} layers)")
+            flags["shrunk"] = tv[0] <= 1 / knobs["shrink_factor"]
+        te = median_ratio(lambda r: (r.get("top_eigvals") or [None])[0])
+        if te:
+            ev.append(f"unwhitened top eigenvalue x{te[0]:.2f} (median over {te[1]} layers)")
         # always quoted
         la, lm_ = rb.get("linear_acc"), rm.get("linear_acc")
         if la is not None and lm_ is not None:
@@ -186,7 +214,7 @@ def reading(probes: dict[str, dict[str, Any]], site: dict[str, dict[str, Any]], 
         ltb, ltm = (last_token.get(base) or {}).get("linear_acc"), (last_token.get(m) or {}).get("linear_acc")
         if ltb is not None and ltm is not None:
             ev.append(f"last-token probe {ltb:.3f} -> {ltm:.3f}")
-        order = ("spread", "moved", "weakened", "shrunk")
+        order = ("spread", "concentrated", "moved", "weakened", "shrunk")
         case = next((c for c in order if flags[c]), "left in place")
         also = [c for c in order if flags[c] and c != case]
         sentence = (f"{m}: {case}" + (f" (also {', '.join(also)})" if also else "") + f" against {base}: " + "; ".join(ev) + ".")

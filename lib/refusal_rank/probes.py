@@ -430,6 +430,9 @@ def layer_report(xtr: Any, ytr: Any, xte: Any, yte: Any, *, sources_te: Sequence
     return {
         "effective_rank": round(effective_rank(vals), 4),
         "top_eigvals": [float(f"{v:.6g}") for v in vals[:32].tolist()],
+        # the scale of the stream here (trace of the harmless class's covariance): what a defense that shrinks
+        # every activation lowers, and what a change of the signal's shape alone leaves in place
+        "total_var": float(f"{float(x[torch.from_numpy(y == 0)].var(0).sum()):.6g}"),
         "C": C,
         "linear_acc": round(float(correct.mean()), 4),
         "linear_ci": accuracy_ci(correct, n_boot, seed),

@@ -8,7 +8,8 @@
 # * **shrunk** it (every activation scaled down: an ablation removes a unit direction, so scale buys nothing);
 # * **moved** it to other layers (the attacker's layer changes, the signal does not spread);
 # * **left it in place**;
-# * or, not one of the paper's cases but possible, **weakened** it: fainter at every layer.
+# * or, not one of the paper's cases but possible, **concentrated** it on fewer directions than before (the
+#   opposite of spread), or **weakened** it: fainter at every layer.
 #
 # The first cpu run could not tell these apart: its probes trained on AdvBench and tested on HarmBench +
 # StrongREJECT (a dataset shift: 0.750 at every early layer, one whole source misclassified), 16 INLP rounds
@@ -151,8 +152,8 @@ pd.DataFrame({m: {k: f"{v['acc']:.2f} [{v['lo']:.2f}, {v['hi']:.2f}] (n={v['n']}
 # %% [markdown]
 # ## 6 · Reading
 # Computed from the numbers above (`probe_run.reading`, thresholds in the profile's `[probes.reading]`): for
-# each trained model against the original, whether its signal was spread, moved to other layers, weakened,
-# shrunk, or left in place, and the numbers that decide it.
+# each trained model against the original, whether its signal was spread, concentrated, moved to other
+# layers, weakened, shrunk, or left in place, and the numbers that decide it.
 
 # %%
 summary_probes = {m: {str(l): R.summary_layer(r) for l, r in by.items()} for m, by in reports.items()}
