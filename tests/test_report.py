@@ -55,3 +55,19 @@ def test_progress_table_counts_hand_labels_of_the_same_checkpoint_only():
     assert rows[0].split(" | ")[1:9] == ["1x (70)", "0.763", "0.008", "0.016", "0.144", "0.379", "0.013; 3/5",
                                           "fallback (KL 0.078), layer 20; starved filter: harmful_val 14 passed"]
     assert "| 0.269 |" in rows[1]  # no label of this checkpoint: no count
+
+
+def test_probes_line_reports_the_scale_free_counts_and_the_reading():
+    from refusal_rank.report import probes_line
+
+    s = {"probes_site": {"base": {"layer": 20}, "m": {"layer": 21}},
+         "probes": {"base": {"20": {"linear_acc": 0.996, "k_erase": 4, "k_erase_budget": 48, "whitened": {"n_sig": 9}}},
+                    "m": {"21": {"linear_acc": 0.983, "k_erase": None, "k_erase_budget": 48, "whitened": {"n_sig": 4}}}},
+         "probes_last_token": {"base": {"linear_acc": 0.983}, "m": {"linear_acc": 0.979}},
+         "probes_reading": {"m": {"case": "concentrated"}}}
+    line = probes_line(s)
+    assert ("base (layer 20): held-out linear probe 0.996, last-token probe 0.983, k_erase 4, whitened eigenvalues "
+            "above the noise edge 9;") in line
+    assert "m (layer 21): held-out linear probe 0.983, last-token probe 0.979, k_erase > 48, whitened eigenvalues above " \
+           "the noise edge 4, read as concentrated." in line
+    assert "k_chance" not in line

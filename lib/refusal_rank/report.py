@@ -149,15 +149,27 @@ def headline_table(s: dict[str, Any]) -> str:
 
 
 def probes_line(s: dict[str, Any]) -> str:
+    """Notebook 05 at each model's attacker layer, in one line: the held-out and last-token probes, the
+    scale-free counts of directions, and the reading's case."""
     site = s.get("probes_site", {})
     pr = s.get("probes", {})
+    last = s.get("probes_last_token", {})
+    case = s.get("probes_reading", {})
     if not site:
         return ""
     parts = []
     for m, v in site.items():
         r = pr.get(m, {}).get(str(v["layer"]), {})
-        parts.append(f"{m} (layer {v['layer']}): effective rank {r.get('effective_rank')}, linear probe {r.get('linear_acc')}, "
-                     f"MLP probe {r.get('mlp_acc')}, k_chance {r.get('k_chance') if r.get('k_chance') is not None else '> INLP rounds'}")
+        if "k_erase" not in r:  # a summary written before notebook 05 measured k_erase: what it measured then
+            parts.append(f"{m} (layer {v['layer']}): effective rank {r.get('effective_rank')}, linear probe {r.get('linear_acc')}, "
+                         f"MLP probe {r.get('mlp_acc')}, k_chance {r.get('k_chance') if r.get('k_chance') is not None else '> INLP rounds'}")
+            continue
+        k = r["k_erase"] if r["k_erase"] is not None else f"> {r.get('k_erase_budget')}"
+        lt = (last.get(m) or {}).get("linear_acc")
+        parts.append(f"{m} (layer {v['layer']}): held-out linear probe {r.get('linear_acc')}"
+                     + (f", last-token probe {lt}" if lt is not None else "")
+                     + f", k_erase {k}, whitened eigenvalues above the noise edge {(r.get('whitened') or {}).get('n_sig')}"
+                     + (f", read as {case[m]['case']}" if m in case else ""))
     return "Probes at the attacker's layer: " + "; ".join(parts) + "."
 
 
