@@ -85,6 +85,14 @@ def test_reading_does_not_claim_the_target_beyond_the_k_reached():
     kb["defended_star"] = 20
     reached["defended"] = {"iterated": 4, "dim-svd": 20}
     assert "cannot tell" in S.reading(kb, reached=reached)[1]
+    # the mean-matching rows against the paper's K = 11: a break below it misses, a grid that stopped short cannot tell
+    kb.update({"paper_mean": {"iterated": 1, "dim-svd": 4}, "paper_mean_star": 1,
+               "mean_matched": {"iterated": None, "dim-svd": 12}, "mean_matched_star": 12})
+    reached.update({"paper_mean": {"iterated": 1, "dim-svd": 4}, "mean_matched": {"iterated": 8, "dim-svd": 12}})
+    lines = S.reading(kb, reached=reached)
+    assert "mean matching (paper_mean, against the paper's L1 + KD row): K*_break = 1, misses the paper's >= 11" in lines
+    assert [l for l in lines if l.startswith("mean matching (mean_matched")][0].endswith(
+        "K*_break = 12, cannot tell whether it meets the paper's >= 11: the attack stopped at K = 8")
 
 
 # ---- 3. run_all.sh: safe flags, a selective --fresh, resume that checks outputs -------------------------

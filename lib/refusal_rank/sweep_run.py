@@ -688,10 +688,15 @@ def target_verdict(by_est: dict[str, Any], reached: dict[str, Any] | None, targe
     return "meets"
 
 
+MEAN_MATCHING = ("paper_mean", "mean_matched")  # the variants whose K*_break the reading sets against PAPER_K_MEAN
+PAPER_K_MEAN = 11  # the paper's K to break its mean-matching row (L1 + KD)
+
+
 def reading(k_break: dict[str, Any], target: int = 16, reached: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Plain sentences from the K_break table: each model's K*_break against the paper's target, whether
-    the paper's objective (``defended``) costs the attacker more than its KL-only control, and whether the
-    optimised attacker is the strongest on the base model. ``reached``: {model: {estimator: largest K
+    the paper's objective (``defended``) costs the attacker more than its KL-only control, each mean-matching
+    variant against the paper's K = 11 for that row, and whether the optimised attacker is the strongest on
+    the base model. ``reached``: {model: {estimator: largest K
     scored}} (``info.k_reached``); "not broken" meets the target only where the K reached do."""
     star = {m: k_break[m + "_star"] for m in k_break if not m.endswith("_star")}
     reached = reached or {}
@@ -706,7 +711,7 @@ def reading(k_break: dict[str, Any], target: int = 16, reached: dict[str, dict[s
         r = top(m) if m is not None else None
         return "not broken in the grid" + (f" (up to K = {r})" if r is not None else "")
 
-    def verdict(m):
+    def verdict(m, target=target):
         v = target_verdict(k_break[m], reached.get(m), target, star[m])
         if v == "undecided":
             r = top(m)
@@ -720,6 +725,8 @@ def reading(k_break: dict[str, Any], target: int = 16, reached: dict[str, dict[s
         more = (d is None and c is not None) or (d is not None and c is not None and d > c)
         lines.append("the covariance term " + ("raises" if more else "does not raise") +
                      f" the attack's cost over KL distillation alone ({fmt(d, 'defended')} against {fmt(c, 'kl_only')})")
+    for m in (m for m in MEAN_MATCHING if m in star):  # the paper's "L1 + KD" row broke at K = 11
+        lines.append(f"mean matching ({m}, against the paper's L1 + KD row): {fmt(star[m], m)}, {verdict(m, PAPER_K_MEAN)}")
     base = k_break.get("base", {})
     if "optimized" in base:
         o = base["optimized"]
