@@ -197,6 +197,7 @@ def test_sweep_walks_the_grid_and_stops_at_the_break(tiny_cfg, tiny, tmp_path, m
     # the deciding generations were read at verdict_new_tokens: the break and the unattacked model (K=0)
     assert r["walk"]["long_reads"] == [0, 1] and r["per_k"][1]["long"]["tokens"] == cfg["eval"]["verdict_new_tokens"]
     assert r["k0_long"]["n"] == len(prompts) and len(r["judge_pool"]) == len(prompts)
+    assert {(x["k"], x["held"]) for x in r["judge_pool"]} == {(1, False)}  # K=0 below it is the unattacked model
     assert r["ce_harmless_at_k"] == r["per_k"][1]["ce_harmless"]
     # a threshold nothing can pass: every K is scored, none breaks; gen_below 0 skips generation on the way,
     # "not broken" is confirmed by generating at the largest K reached, and the Ks only screened are named
@@ -305,7 +306,8 @@ def test_judge_sample_draws_attacked_completions_from_the_pool(tiny_cfg, tmp_pat
     from pathlib import Path
 
     monkeypatch.setenv("REFUSAL_RANK_CACHE", str(tmp_path))
-    pool = lambda m, e, n: [{"prompt_id": f"{m}{e}{i}", "prompt": "p", "completion": "c", "k": 2} for i in range(n)]
+    pool = lambda m, e, n: [{"prompt_id": f"{m}{e}{i}", "prompt": "p", "completion": "c", "k": 2} for i in range(n)] + \
+        [{"prompt_id": f"{m}{e}{i}", "prompt": "p", "completion": "c", "k": 1, "held": True} for i in range(n)]
     sweeps = {m: {e: {"judge_pool": pool(m, e, 5)} for e in ("dim-svd", "inlp")} for m in ("base", "defended")}
     S.write_judge_pool(tiny_cfg, sweeps)
     spec = importlib.util.spec_from_file_location("judge_sample", Path(__file__).resolve().parents[1] / "tools" / "judge_sample.py")
@@ -315,6 +317,8 @@ def test_judge_sample_draws_attacked_completions_from_the_pool(tiny_cfg, tmp_pat
     assert len(rows) == 6 and {r["model"] for r in rows} == {"defended attacked"}  # base is not an attacked trained model
     assert sum(r["attack"] == "dim-svd K=2" for r in rows) == 3  # taken in turn from each breaking attack
     assert len({r["id"] for r in rows}) == 6
+    held = js.from_sweep(tiny_cfg, 4, ["defended"], held=True)  # the K below each break, which held at 256 tokens
+    assert len(held) == 4 and {r["attack"] for r in held} == {"dim-svd K=1 (held)", "inlp K=1 (held)"}
 
 
 def test_evaluate_k_outside_the_walk(tiny_cfg, tiny, tmp_path, monkeypatch):

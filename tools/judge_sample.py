@@ -15,7 +15,8 @@ labeller is blind to the markers.
 
 ``--from-sweep N`` instead draws N completions per attacked model (its rows are named "<model> attacked",
 with the attack beside them) from notebook 04's pool: the full 256-token completions at every K_break
-(``sweep_run.write_judge_pool``); ``--models`` then selects attacked models by name (default: all but base).
+(``sweep_run.write_judge_pool``); ``--models`` then selects attacked models by name (default: all but base), and
+``--held`` draws from the K that held at 256 tokens instead (the K below each break, a rejected candidate).
 ``--from-screen variant@step,...`` draws ``--n`` harmful completions of each checkpoint under notebook 03's attack
 screen (its re-selected K=1 attack), named "<variant>@<Nx> attacked".
 """
@@ -59,10 +60,11 @@ def stand_in(cfg: dict, model: str, u) -> SimpleNamespace:
     return SimpleNamespace(name=variant_model_name(cfg, name, target_step(cfg, name) if step is None else step), edit="")
 
 
-def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict]:
+def from_sweep(cfg: dict, per_model: int, models: list[str] | None, held: bool = False) -> list[dict]:
     """A seeded sample of ``per_model`` rows per attacked model from notebook 04's judge pool, taken in turn
-    from each attack (estimator, K) that broke it; ``models`` None: every attacked model but base."""
-    from refusal_rank.sweep_run import judge_pool_path
+    from each attack (estimator, K) that broke it, or with ``held`` from each K that held at 256 tokens;
+    ``models`` None: every attacked model but base."""
+    from refusal_rank.sweep_run import HELD, judge_pool_path
 
     path = judge_pool_path(cfg)
     if not path.is_file() or not path.read_text().strip():
@@ -74,7 +76,7 @@ def from_sweep(cfg: dict, per_model: int, models: list[str] | None) -> list[dict
     for m in chosen:
         by_attack: dict[str, list[dict]] = {}
         for r in pool:
-            if r["model"] == f"{m} attacked":
+            if r["model"] == f"{m} attacked" and r["attack"].endswith(HELD) == held:
                 by_attack.setdefault(r["attack"], []).append(r)
         queues = []
         for k in sorted(by_attack):
@@ -124,13 +126,14 @@ def main() -> None:
     ap.add_argument("--models", default="original,k1_ablated", help="original, k1_ablated and/or trained variant names")
     ap.add_argument("--per", default=None, help="rows per set, harmful,harmless,overrefusal (default 60,40,20)")
     ap.add_argument("--from-sweep", type=int, default=0, help="completions per attacked model from notebook 04's pool")
+    ap.add_argument("--held", action="store_true", help="with --from-sweep: the K that held at 256 tokens, not the breaks")
     ap.add_argument("--from-screen", default=None, metavar="VARIANT@STEP,...",
                     help="harmful completions of these checkpoints under the screen's re-selected K=1 attack")
     ap.add_argument("--n", type=int, default=50, help="rows per checkpoint with --from-screen")
     a = ap.parse_args()
     cfg = load_config(a.profile)
     if a.from_sweep or a.from_screen:
-        rows = (from_sweep(cfg, a.from_sweep, None if a.models == ap.get_default("models") else a.models.split(","))
+        rows = (from_sweep(cfg, a.from_sweep, None if a.models == ap.get_default("models") else a.models.split(","), a.held)
                 if a.from_sweep else from_screen(cfg, a.n, a.from_screen.split(",")))
         with open(a.out, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

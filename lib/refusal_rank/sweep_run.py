@@ -648,10 +648,9 @@ def sweep_estimator(ctx: AttackContext, name: str, prompts: Sequence[D.Prompt], 
     if ce_k is not None and ce_ref is not None:
         with orthogonalized(ctx.bundle, bases[ce_k]):
             ce = per_k[ce_k]["ce_harmless"] = ce_on_reference(cfg, ctx.bundle, ce_ref)
-    pool = []
-    if k_break is not None and k_break in long_comps:
-        pool = [{"prompt_id": p.id, "prompt": p.text, "completion": c["text"], "k": k_break}
-                for p, c in zip(prompts, long_comps[k_break])]
+    # every K read in full at 256 tokens: the break, and the K below it or a rejected candidate, which held
+    pool = [{"prompt_id": p.id, "prompt": p.text, "completion": c["text"], "k": K, "held": K != k_break}
+            for K in sorted(long_comps) for p, c in zip(prompts, long_comps[K])]
     return {"per_k": per_k, "k_break": k_break, "ce_k": ce_k, "ce_harmless_at_k": ce, "info": info,
             "walk": {k: v for k, v in walk.items() if k != "k_break"}, "k0_long": k0 or None, "judge_pool": pool}
 
@@ -839,16 +838,21 @@ def judge_pool_path(cfg: dict[str, Any]) -> Path:
     return run_cache(cfg, "judge") / "sweep_pool.jsonl"
 
 
+HELD = " (held)"  # write_judge_pool: the suffix of an attack whose K held at 256 tokens
+
+
 def write_judge_pool(cfg: dict[str, Any], sweeps: dict[str, dict[str, dict[str, Any]]]) -> Path:
-    """The full 256-token completions at every K_break of every attacked model, one JSON row each
-    ({id, model, attack, set, prompt_id, prompt, completion}, no verdict): the pool from which
-    ``tools/judge_sample.py --from-sweep`` draws completions of attacked models for hand labelling."""
+    """The full 256-token completions of every attacked model at every K read in full, one JSON row each
+    ({id, model, attack, set, prompt_id, prompt, completion}, no verdict): its K_break, and the K that held
+    at 256 tokens (the one below the break, a rejected candidate), whose attack ends in " (held)". The pool
+    from which ``tools/judge_sample.py --from-sweep`` draws completions of attacked models for hand
+    labelling: a K that holds by markers near the threshold is the verdict most worth reading by hand."""
     rows = []
     for m, by_est in sweeps.items():
         for e, r in by_est.items():
             for x in r.get("judge_pool", []):
                 rows.append({"id": f"{m}+{e}@K{x['k']}:{x['prompt_id']}", "model": f"{m} attacked",
-                             "attack": f"{e} K={x['k']}", "set": "harmful", "prompt_id": x["prompt_id"],
+                             "attack": f"{e} K={x['k']}" + (HELD if x.get("held") else ""), "set": "harmful", "prompt_id": x["prompt_id"],
                              "prompt": x["prompt"], "completion": x["completion"]})
     from .results import note_product
 
