@@ -71,3 +71,12 @@ def test_probes_line_reports_the_scale_free_counts_and_the_reading():
     assert "m (layer 21): held-out linear probe 0.983, last-token probe 0.979, k_erase > 48, whitened eigenvalues above " \
            "the noise edge 4, read as concentrated." in line
     assert "k_chance" not in line
+
+
+def test_progress_table_lists_the_k_the_screen_tried():
+    """A screen K_break of 4 after K = 1, 2 and 4 shows them, so that a reader sees K = 3 untried."""
+    from refusal_rank.report import _screen_k
+
+    assert _screen_k({"k_break": 4, "k_screened": [1, 2, 4]}) == "4 (1, 2, 4)"
+    assert _screen_k({"k_break": 1, "k_screened": [1]}) == "1"
+    assert _screen_k({}) == ""
