@@ -685,7 +685,7 @@ def _probes_per_layer(reports, last_token, threshold, n) -> plt.Figure:
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, steps=[1, 2, 4, 5, 10]))
     handles = _model_handles(list(reports), ms=3)
     handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label=f"at chance: accuracy <= {threshold}"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))  # six models: two rows
     fig.suptitle(f"Per layer, pooled post-instruction activations (probe train n={n['train']}, held-out test "
                  f"n={n['test']}, same sources)", fontsize=8)
     return fig
@@ -991,7 +991,7 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
     handles = _model_handles(names) + [
         Line2D([], [], color="0.3", marker="o", label="under the attack"),
         Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))  # five models: two rows
     return fig
 
 
