@@ -313,3 +313,17 @@ def test_budget_curve_ticks_are_the_budgets_trained():
     left, right = fig.axes[:2]
     assert [t.get_text() for t in left.get_xticklabels()] == ["2240\n(1x)", "4480\n(2x)", "8960\n(4x)"]
     assert [t.get_text() for t in right.get_yticklabels()] == ["1", "2", "4", "8", "16"]
+
+
+def test_screen_k_break_shows_how_low_the_break_may_lie():
+    """A screen that broke the model at K=4 with dim-svd, which skipped K=2 and 3, bounds the break from above
+    only: 03_3 draws a band from K=2 to 4. A break with every K below it tried has none."""
+    skipped = {"k_break": 4, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}, "4": {}}}
+    assert F._screen_k_low(skipped) == 2
+    assert F._screen_k_low({"k_break": 2, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}}}) == 2
+    assert F._screen_k_low({"k_break": 1}) == 1 and F._screen_k_low({"k_break": None}) is None
+    e = lambda scr: {"prompt_passes": 64, "refusal_rate_harmful": rate(0.6),
+                     "screen": {"k1_reselected": {"refusal_rate_harmful": rate(0.5)}, "k_screened": [1, 2, 4], **scr}}
+    fig = F.screen_vs_budget({"mean_matched": {"4x": e(skipped)}, "kl_only": {"4x": e({"k_break": 1})}}, 0.3, {})
+    bands = [c for c in fig.axes[1].collections if c.get_segments()]
+    assert len(bands) == 1 and sorted(bands[0].get_segments()[0][:, 1].tolist()) == [2.0, 4.0]

@@ -933,6 +933,20 @@ def _term_vs_floor(rows) -> plt.Figure:
     return fig
 
 
+SCREEN_ESTIMATORS = ("iterated", "dim-svd")  # the screen's estimators beside the re-selected K=1 attack
+
+
+def _screen_k_low(screen: dict[str, Any]) -> int | None:
+    """The smallest K at which the screen's K_break could lie, given the K each of its estimators generated:
+    an estimator that skipped a K below the break might have broken the model there. K=1 is always tried
+    (the re-selected K=1 attack). None without a break; the break itself when nothing below it was skipped."""
+    kb = screen.get("k_break")
+    if not kb:
+        return None
+    gaps = [next((j for j in range(2, kb) if str(j) not in screen[e]), kb) for e in SCREEN_ESTIMATORS if screen.get(e)]
+    return min(gaps, default=kb)
+
+
 def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: float,
                      paper_k: dict[str, float]) -> plt.Figure:
     """Per variant, the attack screen against prompt passes: the re-selected K=1 attack's generated harmful
@@ -946,7 +960,8 @@ def screen_vs_budget(budget: dict[str, dict[str, dict[str, Any]]], threshold: fl
             "passes": [e["prompt_passes"] for e in pts],
             "k1": [e["screen"]["k1_reselected"]["refusal_rate_harmful"]["rate"] if e.get("screen") else None for e in pts],
             "unattacked": [(e.get("refusal_rate_harmful") or {}).get("rate") for e in pts],
-            "k_break": [(e.get("screen") or {}).get("k_break") for e in pts], "top": top}
+            "k_break": [(e.get("screen") or {}).get("k_break") for e in pts],
+            "k_low": [_screen_k_low(e.get("screen") or {}) for e in pts], "top": top}
     return _screen_vs_budget(series=series, threshold=float(threshold), paper_k={k: float(v) for k, v in paper_k.items()})
 
 
@@ -965,6 +980,9 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
                 ms=3.5, lw=0.9, ls=":")
         ax2.plot(x, [k if k is not None else d["top"] + 1 for k in d["k_break"]], color=look.color,
                  marker=look.marker, ms=3.5, lw=1)
+        for xi, k, low in zip(x, d["k_break"], d.get("k_low") or []):
+            if k is not None and low is not None and low < k:  # K skipped below the break: it may lie as low as this
+                ax2.vlines(xi, low, k, color=look.color, lw=3, alpha=0.3)
     passes = sorted({p for d in series.values() for p in d["passes"]})
     for a in (ax, ax2):  # ticks at the budgets trained, labelled with their multiple of the smallest
         a.set_xscale("log", base=2)
@@ -987,7 +1005,7 @@ def _screen_vs_budget(series, threshold, paper_k) -> plt.Figure:
     ax2.yaxis.set_minor_locator(mpl.ticker.NullLocator())
     ax2.set_ylim(0.8, top * 1.25)
     ax2.set_ylabel("screen K_break (top: none broke)")
-    ax2.set_title("cheapest K that broke the model in the screen")
+    ax2.set_title("cheapest K that broke the model in the screen\n(band: down to the lowest K it skipped)")
     handles = _model_handles(names) + [
         Line2D([], [], color="0.3", marker="o", label="under the attack"),
         Line2D([], [], color="0.3", marker="o", mfc="white", ls=":", label="unattacked")]
