@@ -318,9 +318,12 @@ def test_budget_curve_ticks_are_the_budgets_trained():
 def test_screen_k_break_shows_how_low_the_break_may_lie():
     """A screen that broke the model at K=4 with dim-svd, which skipped K=2 and 3, bounds the break from above
     only: 03_3 draws a band from K=2 to 4. A break with every K below it tried has none."""
-    skipped = {"k_break": 4, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}, "4": {}}}
+    est = {"k_skipped": {"iterated": [], "dim-svd": [16]}}  # a screen names its estimators here
+    skipped = {"k_break": 4, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}, "4": {}}, **est}
     assert F._screen_k_low(skipped) == 2
-    assert F._screen_k_low({"k_break": 2, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}}}) == 2
+    assert F._screen_k_low({"k_break": 2, "iterated": {"1": {}, "2": {}}, "dim-svd": {"1": {}}, **est}) == 2
+    # an estimator the screen does not name is not read: only iterated's first untried K (3) counts, not dim-svd's 2
+    assert F._screen_k_low({**skipped, "k_skipped": {"iterated": []}}) == 3
     assert F._screen_k_low({"k_break": 1}) == 1 and F._screen_k_low({"k_break": None}) is None
     e = lambda scr: {"prompt_passes": 64, "refusal_rate_harmful": rate(0.6),
                      "screen": {"k1_reselected": {"refusal_rate_harmful": rate(0.5)}, "k_screened": [1, 2, 4], **scr}}

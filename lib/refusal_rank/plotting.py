@@ -933,9 +933,6 @@ def _term_vs_floor(rows) -> plt.Figure:
     return fig
 
 
-SCREEN_ESTIMATORS = ("iterated", "dim-svd")  # the screen's estimators beside the re-selected K=1 attack
-
-
 def _screen_k_low(screen: dict[str, Any]) -> int | None:
     """The smallest K at which the screen's K_break could lie, given the K each of its estimators generated:
     an estimator that skipped a K below the break might have broken the model there. K=1 is always tried
@@ -943,7 +940,8 @@ def _screen_k_low(screen: dict[str, Any]) -> int | None:
     kb = screen.get("k_break")
     if not kb:
         return None
-    gaps = [next((j for j in range(2, kb) if str(j) not in screen[e]), kb) for e in SCREEN_ESTIMATORS if screen.get(e)]
+    # the screen names its own estimators (beside the re-selected K=1 attack) in k_skipped
+    gaps = [next((j for j in range(2, kb) if str(j) not in screen[e]), kb) for e in screen.get("k_skipped", {}) if screen.get(e)]
     return min(gaps, default=kb)
 
 

@@ -10,6 +10,7 @@ import argparse
 import re
 from typing import Any
 
+from . import paper
 from .config import REPO_ROOT
 from .results import read_summary
 
@@ -77,8 +78,7 @@ def timings_line(s: dict[str, Any]) -> str:
 MODEL_ROWS = (("defended", "defended (covariance matching + KD)"), ("kl_only", "control: KL only (prompt LM + KD)"),
               ("ablation_aware", "control: ablation-aware KD"), ("paper_mean", "the paper's mean matching + KD (pooled)"),
               ("mean_matched", "named variant: per-position mean matching + KD"))
-PAPER_K = {"base": "1", "defended": ">= 16", "kl_only": "n/a (not reported)", "ablation_aware": "n/a (not in the paper)",
-           "paper_mean": "11 (their L1 mean matching + KD, pooled)", "mean_matched": "n/a (ours, not in the paper)"}
+PAPER_K = paper.K_BREAK_TEXT  # the paper's column of the K_break table
 
 
 def defense_table(s: dict[str, Any]) -> str:

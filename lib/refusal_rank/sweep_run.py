@@ -47,6 +47,7 @@ import torch
 
 from . import attacks as A
 from . import data as D
+from . import paper
 from .ablation import orthogonalized, tensor_tag
 from .config_schema import ESTIMATORS  # one list: the profile schema checks [sweep] estimators against it
 from .activations import Ablation, ActAdd, collect_residuals, completion_ce
@@ -687,11 +688,7 @@ def target_verdict(by_est: dict[str, Any], reached: dict[str, Any] | None, targe
     return "meets"
 
 
-MEAN_MATCHING = ("paper_mean", "mean_matched")  # the variants whose K*_break the reading sets against PAPER_K_MEAN
-PAPER_K_MEAN = 11  # the paper's K to break its mean-matching row (L1 + KD)
-
-
-def reading(k_break: dict[str, Any], target: int = 16, reached: dict[str, dict[str, Any]] | None = None) -> list[str]:
+def reading(k_break: dict[str, Any], target: int = paper.TARGET_K, reached: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Plain sentences from the K_break table: each model's K*_break against the paper's target, whether
     the paper's objective (``defended``) costs the attacker more than its KL-only control, each mean-matching
     variant against the paper's K = 11 for that row, and whether the optimised attacker is the strongest on
@@ -724,8 +721,9 @@ def reading(k_break: dict[str, Any], target: int = 16, reached: dict[str, dict[s
         more = (d is None and c is not None) or (d is not None and c is not None and d > c)
         lines.append("the covariance term " + ("raises" if more else "does not raise") +
                      f" the attack's cost over KL distillation alone ({fmt(d, 'defended')} against {fmt(c, 'kl_only')})")
-    for m in (m for m in MEAN_MATCHING if m in star):  # the paper's "L1 + KD" row broke at K = 11
-        lines.append(f"mean matching ({m}, against the paper's L1 + KD row): {fmt(star[m], m)}, {verdict(m, PAPER_K_MEAN)}")
+    for m in (m for m in paper.MEAN_MATCHING if m in star):  # the paper's "L1 + KD" row and its K
+        lines.append(f"mean matching ({m}, against the paper's L1 + KD row): {fmt(star[m], m)}, "
+                     f"{verdict(m, paper.K_BREAK['paper_mean'])}")
     base = k_break.get("base", {})
     if "optimized" in base:
         o = base["optimized"]

@@ -75,6 +75,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from refusal_rank import defense_run as R
+from refusal_rank import paper
 from refusal_rank import pipeline as P
 from refusal_rank import plotting
 from refusal_rank.config import load_config, results_dir
@@ -199,8 +200,7 @@ for name, per in budget.items():
 pd.DataFrame(rows).set_index(["variant", "budget"])
 
 # %%
-fig = plotting.screen_vs_budget(budget, cfg["sweep"]["threshold"], {"paper: instruct (1)": 1, "paper: L1 + KD (11)": 11,
-                                                                       "paper: L2 + KD (>= 16)": 16})
+fig = plotting.screen_vs_budget(budget, cfg["sweep"]["threshold"], paper.K_BREAK_LINES)
 plotting.save(fig, cfg, "03_3_screen_vs_budget")
 
 # %% [markdown]
