@@ -28,7 +28,8 @@ SIGNATURES = ("identical", "different_architecture", "abliteration", "rank1_proj
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-from .config import REPO_ROOT, ProfileError
+from . import config as _config  # its REPO_ROOT read at call time: a root set later (a test's scratch one) is seen
+from .config import ProfileError
 
 
 class ConfigError(ProfileError):
@@ -357,7 +358,7 @@ def _nearest(word: str, choices) -> str | None:
 def _split_sizes() -> dict[str, int]:
     """Sizes of the recorded splits (data/splits.json), read as plain JSON: cheap, no prompt set loaded."""
     try:
-        splits = json.loads((REPO_ROOT / "data" / "splits.json").read_text())["splits"]
+        splits = json.loads((_config.REPO_ROOT / "data" / "splits.json").read_text())["splits"]
         return {k: len(v) for k, v in splits.items()}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
@@ -366,7 +367,7 @@ def _split_sizes() -> dict[str, int]:
 def _probe_sizes() -> dict[str, int]:
     """The smallest per-source train and test halves of data/probe_splits.json, and the over-refusal set."""
     try:
-        ps = json.loads((REPO_ROOT / "data" / "probe_splits.json").read_text())
+        ps = json.loads((_config.REPO_ROOT / "data" / "probe_splits.json").read_text())
         harmful = [v for s, v in ps["sources"].items() if s != "harmless"]
         ok = ps["sources"]["harmless"]
         over = ps["transfer_only"]
