@@ -15,8 +15,24 @@ def cfg(tiny_cfg, tmp_path, monkeypatch):
 def test_plan_trains_every_variant_to_1x_before_the_curve(tiny_cfg):
     plan = R.train_plan(tiny_cfg, ["defended", "kl_only", "paper_mean"])
     assert plan[:3] == [("defended", 1), ("kl_only", 1), ("paper_mean", 1)]
-    assert plan[3:] == [("defended", 2), ("kl_only", 2), ("defended", 4), ("kl_only", 4)]  # budget_curve only
+    # budget_curve only, in its order (tiny: kl_only, defended), milestone by milestone
+    assert plan[3:] == [("kl_only", 2), ("defended", 2), ("kl_only", 4), ("defended", 4)]
+    # the lower curve on record for both (a new machine): one variant at a time through it and the next milestone
+    on_record = R.train_plan(tiny_cfg, ["defended", "kl_only", "paper_mean"], {"kl_only": [1, 2], "defended": [1, 2, 4]})
+    assert on_record[3:] == [("kl_only", 2), ("kl_only", 4), ("defended", 2), ("defended", 4)]
+    # on record for one variant only: the curve is not complete, the order stays milestone by milestone
+    assert R.train_plan(tiny_cfg, ["defended", "kl_only", "paper_mean"], {"kl_only": [1, 2, 4]}) == plan
+    assert sorted(on_record) == sorted(plan)  # the same steps, only reordered
     assert R.budget_label(tiny_cfg, 4) == "4x" and R.prompt_passes(tiny_cfg, 2) == 2 * 2 * tiny_cfg["defense"]["train"]["batch_per_class"]
+
+
+def test_recorded_milestones_count_only_the_current_configuration(tiny_cfg):
+    here = R.variant_dir_name(tiny_cfg, "kl_only")
+    committed = {"variants": {"kl_only": {"dir": here, "budget": {"1x": {"step": 1}, "2x": {"step": 2}}},
+                              "defended": {"dir": "defended-otherhash", "budget": {"1x": {"step": 1}}},
+                              "retired": {"dir": "retired-h", "budget": {"1x": {"step": 1}}}}}
+    assert R.recorded_milestones(tiny_cfg, committed) == {"kl_only": [1, 2]}
+    assert R.recorded_milestones(tiny_cfg, None) == {}
 
 
 def test_train_to_a_milestone_then_on_and_load_each(cfg):
@@ -377,6 +393,18 @@ def test_merge_progress_keeps_committed_measurements_a_new_cache_lacks():
     assert list(merged["defended"]["budget"]) == ["1x", "4x"]
     assert merged["defended"]["budget"]["1x"]["carried_from_commit"] == "abc1234"
     assert R.merge_progress(None, current)[0] == current
+
+
+def test_dtype_change_is_one_sentence_only_when_the_dtypes_differ():
+    """A queue on a CPU that resolves dtype = "auto" otherwise than the committed run would retrain everything
+    in the other dtype: that is said in one sentence (naming both dtypes and the override); the same dtype, no
+    committed file, or one without an original entry say nothing."""
+    cfg = {"profile": "cpu", "model": {"dtype": "float32", "dtype_requested": "auto"}}
+    said = R.dtype_change(cfg, {"original": {"dtype": "bfloat16"}})
+    assert said is not None and said.count(". ") == 0 and said.endswith(".")
+    assert "float32" in said and "bfloat16" in said and "--allow-dtype-change" in said and "auto" in said
+    assert R.dtype_change(cfg, {"original": {"dtype": "float32"}}) is None
+    assert R.dtype_change(cfg, None) is None and R.dtype_change(cfg, {"original": None}) is None
 
 
 def test_original_rates_are_read_from_the_cached_completions_alone(cfg, tiny):

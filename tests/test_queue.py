@@ -24,6 +24,31 @@ def test_audit_script_bad_arguments_stop_with_one_sentence(args, says):
     assert r.returncode == 2 and says in r.stderr and r.stdout == ""  # no audit started
 
 
+def test_queue_stops_before_any_stage_when_the_committed_run_has_another_dtype(tmp_path):
+    """The queue's first step: a committed progress file measured in another dtype than this machine computes
+    stops it with one sentence and exit 2, before any stage; --allow-dtype-change skips the check. Run on a
+    copy of the repository's scripts, configs and a planted results folder (tiny computes in float32)."""
+    import shutil
+    import sys
+
+    for d in ("scripts", "configs", "lib"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "run_all.sh", tmp_path)
+    (tmp_path / "results" / "tiny").mkdir(parents=True)
+    progress = tmp_path / "results" / "tiny" / "queue_progress.json"
+    progress.write_text('{"profile": "tiny", "original": {"dtype": "bfloat16"}, "variants": {}}')
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "REFUSAL_RANK_CACHE": str(tmp_path / "cache")}
+    q = tmp_path / "scripts" / "cpu_queue.sh"
+    r = subprocess.run(["bash", str(q), "--profile", "tiny", "--from", "6"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "measured in bfloat16" in r.stderr and "--allow-dtype-change" in r.stderr
+    assert "== stage" not in r.stdout  # nothing started
+    progress.write_text('{"profile": "tiny", "original": {"dtype": "float32"}, "variants": {}}')
+    r = subprocess.run([sys.executable, "-m", "refusal_rank.cli", "progress", "--profile", "tiny", "--check-dtype"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**env, "REFUSAL_RANK_ROOT": str(tmp_path), "PYTHONPATH": str(tmp_path / "lib")})
+    assert r.returncode == 0 and "as the committed progress" in r.stdout
+
+
 def test_the_body_is_one_function_called_at_the_end():
     lines = [l for l in QUEUE.read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert lines[0] == "main() {" and lines[-3:] == ["}", 'main "$@"', "exit"]

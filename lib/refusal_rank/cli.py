@@ -125,7 +125,16 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
         print(f"unknown variant(s) {unknown}: the profile defines {', '.join(cfg['defense']['variants'])}", file=sys.stderr)
         return 2
     until = _parse_until(cfg, a.until)
-    plan = R.train_plan(cfg, names) if a.plan and until is None else [(n, until or R.target_step(cfg, n)) for n in names]
+    if a.plan and until is None:
+        import json
+
+        from .config import results_dir
+
+        progress = results_dir(cfg["profile"]) / "queue_progress.json"
+        committed = json.loads(progress.read_text()) if progress.is_file() else None
+        plan = R.train_plan(cfg, names, R.recorded_milestones(cfg, committed))
+    else:
+        plan = [(n, until or R.target_step(cfg, n)) for n in names]
     base = load_model(cfg)
     tv = P.filtered_train_val(cfg, base)
     base_lp_val = P.logprobs_cached(cfg, base, tv.harmless_val, desc="base harmless val")
@@ -186,13 +195,18 @@ def cmd_progress(a: argparse.Namespace) -> int:
     except ProfileError as e:
         print(e, file=sys.stderr)
         return 2
-    sets = P.test_sets(cfg)
-    progress = R.queue_progress(cfg, sets)
-    original = R.original_rates(cfg, sets)
     out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
     committed = json.loads(out.read_text()) if out.is_file() else None
     if committed is not None and committed.get("profile") != cfg["profile"]:
         committed = None
+    if a.check_dtype:  # the queue's first step: nothing else is read or computed
+        change = R.dtype_change(cfg, committed)
+        print(change or f"{cfg['profile']}: this machine computes in {cfg['model']['dtype']}, as the committed progress",
+              file=sys.stderr if change else sys.stdout)
+        return 2 if change else 0
+    sets = P.test_sets(cfg)
+    progress = R.queue_progress(cfg, sets)
+    original = R.original_rates(cfg, sets)
     # a new machine's empty cache erases nothing; a committed run of another dtype is kept apart
     progress, notes = R.merge_progress(committed, progress, R.dir_dtypes(cfg, list(progress)))
     for line in notes:
@@ -269,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("progress", help="what the background queue has trained and measured (caches only, no model)")
     _profile_arg(p)
     p.add_argument("--write", action="store_true", help="also write results/<profile>/queue_progress.json")
+    p.add_argument("--check-dtype", action="store_true",
+                   help="only check that this machine computes in the committed progress file's dtype (exit 2 if not)")
     p.set_defaults(fn=cmd_progress)
 
     sub.add_parser("audit", help="the audit; its own options follow (refusal-rank audit --help)", add_help=False)

@@ -147,15 +147,41 @@ def reached_milestones(cfg: dict[str, Any], name: str) -> list[int]:
     return [m for m in milestone_steps(cfg["defense"]["train"]) if snapshot_path(out / "ckpt.pt", m).is_file()]
 
 
-def train_plan(cfg: dict[str, Any], names: list[str]) -> list[tuple[str, int]]:
-    """(variant, until-step) in the order the background queue trains them: every variant to 1x first,
-    then the budget-curve variants milestone by milestone, so that an interrupted queue always leaves a
-    complete curve at a lower budget rather than one variant far ahead of the others."""
+def train_plan(cfg: dict[str, Any], names: list[str], on_record: dict[str, Sequence[int]] | None = None) -> list[tuple[str, int]]:
+    """(variant, until-step) in the order the background queue trains them: every variant to 1x first, then
+    the budget-curve variants (in ``budget_curve`` order, its priority) milestone by milestone, so that an
+    interrupted queue always leaves a complete curve at a lower budget rather than one variant far ahead of
+    the others.
+
+    ``on_record``: variant -> the milestone steps a committed progress file already holds measured for the
+    variant's current configuration (:func:`recorded_milestones`; a new machine retrains them). Milestones that
+    every curve variant has on record are a complete curve already, so through them and the first milestone
+    beyond, the plan takes one variant at a time: the first variant of ``budget_curve`` reaches the new budget
+    hours before the others, instead of all of them retraining the recorded ones first."""
     ms = milestone_steps(cfg["defense"]["train"])
     plan = [(n, ms[0]) for n in names]
-    for m in ms[1:]:
-        plan += [(n, m) for n in names if target_step(cfg, n) >= m]
+    priority = list(cfg["defense"].get("budget_curve") or [])
+    curve = sorted((n for n in names if target_step(cfg, n) > ms[0]), key=lambda n: priority.index(n) if n in priority else len(priority))
+    rec = on_record or {}
+    j = 1  # ms[1:j] are on record for every curve variant
+    while j < len(ms) and curve and all(ms[j] in rec.get(n, ()) for n in curve):
+        j += 1
+    head = ms[1:j + 1]
+    plan += [(n, m) for n in curve for m in head if target_step(cfg, n) >= m]
+    for m in ms[j + 1:]:
+        plan += [(n, m) for n in curve if target_step(cfg, n) >= m]
     return plan
+
+
+def recorded_milestones(cfg: dict[str, Any], committed: dict[str, Any] | None) -> dict[str, list[int]]:
+    """Variant -> the milestone steps a committed progress file (``results/<profile>/queue_progress.json``)
+    holds measured for the variant's current configuration: the same folder name, which hashes every knob that
+    determines the weights, the dtype included. Entries of another configuration do not count."""
+    out: dict[str, list[int]] = {}
+    for name, v in ((committed or {}).get("variants") or {}).items():
+        if name in cfg["defense"]["variants"] and v.get("dir") == variant_dir_name(cfg, name):
+            out[name] = sorted(int(e["step"]) for e in (v.get("budget") or {}).values() if "step" in e)
+    return out
 
 
 def train_variant(cfg: dict[str, Any], name: str, evaluate_factory=None, log=print, until: int | None = None) -> dict[str, Any]:
@@ -623,6 +649,23 @@ def original_rates(cfg: dict[str, Any], sets) -> dict[str, Any] | None:
             return None
         out[RATE_KEYS[name]] = rates_by_source(cfg, prompts, comps)
     return out
+
+
+def dtype_change(cfg: dict[str, Any], committed: dict[str, Any] | None) -> str | None:
+    """One sentence when this machine would compute the profile in another dtype than its committed progress
+    file was measured in, else None. The dtype enters every cache key: a queue started here would retrain and
+    re-measure every variant from scratch in the other dtype, beside (not continuing) the committed budget
+    curve, at this CPU's speed (an AVX2-only CPU resolves ``dtype = "auto"`` to float32, about 10x slower than
+    bf16 on one with AMX). The queue asks before spending hours on that."""
+    was = ((committed or {}).get("original") or {}).get("dtype")
+    now = cfg["model"]["dtype"]
+    if was is None or was == now:
+        return None
+    how = " (dtype = \"auto\" resolved by this CPU's measured matmul speed)" if cfg["model"].get("dtype_requested") == "auto" else ""
+    return (f"this machine computes the {cfg['profile']} profile in {now}{how}, but its committed progress "
+            f"(results/{cfg['profile']}/queue_progress.json) was measured in {was}: a queue here would retrain every "
+            f"variant from scratch in {now} instead of continuing that run; run it on a CPU that gives {was}, or pass "
+            f"--allow-dtype-change to start a separate {now} run on purpose.")
 
 
 def merge_progress(committed: dict[str, Any] | None, current: dict[str, Any],
