@@ -63,6 +63,9 @@ def test_unchanged_copy_passes(original, tmp_path):
     assert rep["behaviour_diff"]["kl_harmless"]["mean"] == 0
     assert rep["fragility"]["held_out"] and rep["fragility"]["rank1"]["refusal_rate_harmful"]["n"] == 6
     assert "**PASS**" in md.read_text()
+    # what the numbers were computed in, beside the checkpoint's stored dtype (tiny: float32 on the CPU)
+    assert rep["compute"] == {"dtype": "float32", "device": "cpu", "threads": torch.get_num_threads()}
+    assert "computed in float32 on cpu" in md.read_text()
 
 
 def test_abliterated_copy_fails_and_names_a_rank1_edit(abliterated, tmp_path):

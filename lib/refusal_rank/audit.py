@@ -499,7 +499,9 @@ def markdown(report: dict[str, Any]) -> str:
     L.append(f"Model `{r['model']['path']}` ({r['model']['origin']}), profile `{r['profile']}`"
              + (", `--fast`" if r["fast"] else ", full audit")
              + (f"; reference `{ref['path']}` ({ref['origin']})" if ref else "; no reference")
-             + f". Commit `{r['commit']}`, {r['created']}, wall time {r['wall_time_s']:.0f} s.")
+             + (f"; computed in {c['dtype']} on {c['device']}" + (f" ({c['threads']} threads)" if c['device'] == "cpu" else "")
+               if (c := r.get("compute")) else "")
+            + f". Commit `{r['commit']}`, {r['created']}, wall time {r['wall_time_s']:.0f} s.")
     L += ["", "| gate | value | threshold | result |", "|---|---|---|---|"]
     for name, g in r["gates"].items():
         res = "pass" if g["passed"] else ("**FAIL**" if g["enforced"] else "warn (not enforced)")
@@ -654,6 +656,10 @@ def _run(args: argparse.Namespace, made: list[Checkpoint]) -> dict[str, Any]:
         "reference": ({"path": str(ref_ck.path), "origin": ref_ck.origin, "fingerprint": fingerprint(ref_hashes), **ref_info}
                       if ref_ck else None),
         "commit": git_commit(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        # what the numbers and the wall time were computed in: the checkpoint's stored dtype (model.dtype) is not
+        # it where the profile's dtype = "auto" resolved otherwise (float32 on a CPU without native bf16)
+        "compute": {"dtype": cfg["model"]["dtype"], "device": cfg["model"].get("device", "cpu"),
+                    "threads": torch.get_num_threads()},
         "thresholds": {k: v for k, v in cfg["audit"].items() if not isinstance(v, dict)},
         "provenance": provenance(ck.path, hashes, manifest, ref_hashes),
         "disposition": None, "fragility": None,
