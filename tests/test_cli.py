@@ -111,3 +111,9 @@ def test_figures_redraws_tiny(tmp_path, monkeypatch, capsys):
     assert cli.main(["figures", "--profile", "tiny"]) == 0
     after = {p.name: p.read_bytes() for p in (tmp_path / "figures" / "tiny").iterdir()}
     assert after == before and len(after) == 4
+    # a committed figure without values is named, also when the redraw goes elsewhere (--out)
+    (tmp_path / "figures" / "tiny" / "01_2_refusal_score_heatmap.png").write_bytes(b"png")
+    capsys.readouterr()
+    assert cli.main(["figures", "--profile", "tiny", "--out", str(tmp_path / "elsewhere")]) == 0
+    err = capsys.readouterr().err
+    assert "not redrawn, committed in figures/tiny/" in err and "01_2_refusal_score_heatmap" in err

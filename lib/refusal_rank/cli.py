@@ -56,9 +56,11 @@ def cmd_figures(a: argparse.Namespace) -> int:
     done = plotting.redraw(profile, out_dir=a.out, names=a.only or None)
     for name, paths in done.items():
         print(f"{name}: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in paths))
-    missing = plotting.missing_data(profile) if a.out is None and not a.only else []
+    # committed figures without values are said whether the redraw goes to figures/<profile>/ or elsewhere
+    missing = plotting.missing_data(profile) if not a.only else []
     if missing:
-        print(f"not redrawn (no values in results/{profile}/figure_data/; rerun the notebook that draws it): "
+        print(f"not redrawn, committed in figures/{profile}/ without values in results/{profile}/figure_data/ "
+              f"(rerun the notebook that draws it): "
               + ", ".join(missing), file=sys.stderr)
     if not done:
         print(f"no figure data in results/{profile}/figure_data/: run the series for profile {profile!r} first.",
