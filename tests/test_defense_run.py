@@ -35,6 +35,53 @@ def test_recorded_milestones_count_only_the_current_configuration(tiny_cfg):
     assert R.recorded_milestones(tiny_cfg, None) == {}
 
 
+def test_a_committed_measurement_of_the_same_checkpoint_is_carried_not_remeasured(cfg, monkeypatch):
+    """A new machine retrains every checkpoint. A milestone below the variant's last whose committed entry
+    names this checkpoint's own measurement file (snapshot sha256, config, prompts in one key) is carried and
+    nothing is loaded or measured; another file name, or the variant's last milestone, is measured."""
+    from refusal_rank import pipeline as P
+
+    R.train_variant(cfg, "kl_only", until=2, log=lambda *_: None)  # kl_only is on tiny's budget curve: its last is 4
+    sets = P.test_sets(cfg)
+    path = R.checkpoint_eval_path(cfg, "kl_only", 1, sets)
+    entry = {"step": 1, "prompt_passes": 8, "screen": {"k_break": 1}, "eval_file": path.name}
+    committed = {"profile": "tiny", "read_at_commit": "abc1234",
+                 "variants": {"kl_only": {"dir": path.parent.name, "budget": {"1x": entry}}}}
+    assert R.carried_entry(cfg, "kl_only", 1, sets, committed) == {**entry, "carried_from_commit": "abc1234"}
+    measured = []
+
+    def fake_eval(cfg_, name, step, *a, **k):
+        measured.append((name, step))
+        return {"res": {"refusal_rate_harmful": {"rate": 0.5}, "completions": {}}, "screen": {"k_break": 2}}
+
+    monkeypatch.setattr(R, "checkpoint_eval", fake_eval)
+    original = lambda: (_ for _ in ()).throw(AssertionError("the original was loaded for a carried milestone"))
+    got, ev = R.milestone_budget(cfg, "kl_only", 1, sets, original, committed, log=lambda *_: None)
+    assert ev is None and got["carried_from_commit"] == "abc1234" and measured == []
+    # the queue's measurer (train-variant --plan --evaluate) carries it too, loading no model
+    from refusal_rank import cli
+    from refusal_rank import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model loaded")))
+    cli._checkpoint_measurer(cfg, committed)("kl_only", 1)
+    assert measured == []
+    # another measurement file (retrained weights not bitwise the same, or another config): measured
+    other = {**committed, "variants": {"kl_only": {"dir": path.parent.name, "budget": {"1x": {**entry, "eval_file": "eval-00001-x.pt"}}}}}
+    assert R.carried_entry(cfg, "kl_only", 1, sets, other) is None
+    got, ev = R.milestone_budget(cfg, "kl_only", 1, sets, lambda: ([], None), other, log=lambda *_: None)
+    assert measured == [("kl_only", 1)] and ev is not None and got["screen"] == {"k_break": 2}
+    assert "completions" not in got and "carried_from_commit" not in got
+    # another variant folder (configuration) never carries, whatever the file name
+    moved = {**committed, "variants": {"kl_only": {"dir": "kl_only-otherhash", "budget": {"1x": entry}}}}
+    assert R.carried_entry(cfg, "kl_only", 1, sets, moved) is None
+    # the last milestone is always measured: later notebooks read its completions
+    R.train_variant(cfg, "kl_only", until=4, log=lambda *_: None)
+    last = R.checkpoint_eval_path(cfg, "kl_only", 4, sets)
+    at_last = {**committed, "variants": {"kl_only": {"dir": last.parent.name, "budget": {"4x": {**entry, "step": 4, "eval_file": last.name}}}}}
+    R.milestone_budget(cfg, "kl_only", 4, sets, lambda: ([], None), at_last, log=lambda *_: None)
+    assert measured[-1] == ("kl_only", 4)
+
+
 def test_train_to_a_milestone_then_on_and_load_each(cfg):
     rec1 = R.train_variant(cfg, "kl_only", until=1, log=lambda *_: None)
     assert rec1["steps"] == 1 and R.reached_milestones(cfg, "kl_only") == [1]

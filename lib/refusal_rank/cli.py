@@ -127,13 +127,8 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
         print(f"unknown variant(s) {unknown}: the profile defines {', '.join(cfg['defense']['variants'])}", file=sys.stderr)
         return 2
     until = _parse_until(cfg, a.until)
+    committed = R.committed_progress(cfg)
     if a.plan and until is None:
-        import json
-
-        from .config import results_dir
-
-        progress = results_dir(cfg["profile"]) / "queue_progress.json"
-        committed = json.loads(progress.read_text()) if progress.is_file() else None
         plan = R.train_plan(cfg, names, R.recorded_milestones(cfg, committed))
     else:
         plan = [(n, until or R.target_step(cfg, n)) for n in names]
@@ -142,7 +137,7 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
     base_lp_val = P.logprobs_cached(cfg, base, tv.harmless_val, desc="base harmless val")
     del base
     factory = R.periodic_eval(cfg, tv, base_lp_val)
-    measure = _checkpoint_measurer(cfg) if a.evaluate else None
+    measure = _checkpoint_measurer(cfg, committed) if a.evaluate else None
     for name, step in plan:
         print(f"== {name} until step {step} ({R.budget_label(cfg, step)})", flush=True)
         record = R.train_variant(cfg, name, evaluate_factory=factory, until=step)
@@ -153,10 +148,12 @@ def cmd_train_variant(a: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_measurer(cfg):
+def _checkpoint_measurer(cfg, committed=None):
     """``measure(name, step)``: notebook 03's per-checkpoint measurements (utility and attack screen) into
     their cache, printing the headline numbers. The original's test-set completions and harmless log-probs
-    are computed (or read from the cache) once, on the first call."""
+    are computed (or read from the cache) once, on the first call. A milestone below the variant's last whose
+    very measurement the committed progress file holds is carried, not re-measured
+    (``defense_run.milestone_budget``)."""
     from . import defense_run as R
     from . import pipeline as P
     from .models import load_model
@@ -164,17 +161,20 @@ def _checkpoint_measurer(cfg):
     sets = P.test_sets(cfg)
     base: dict[str, Any] = {}
 
-    def measure(name: str, step: int) -> None:
+    def original() -> tuple[list, Any]:
         if not base:
             model = load_model(cfg)
             base["lp"] = P.logprobs_cached(cfg, model, sets.harmless, desc="base harmless")
             base["harmless"] = P.evaluate_model(cfg, model, sets, None, None, "original")["completions"]["harmless"]
             del model
             gc.collect()
+        return base["harmless"], base["lp"]
+
+    def measure(name: str, step: int) -> None:
         print(f"== measure {name} at step {step} ({R.budget_label(cfg, step)})", flush=True)
-        ev = R.checkpoint_eval(cfg, name, step, sets, base["harmless"], base["lp"])
+        entry, _ = R.milestone_budget(cfg, name, step, sets, original, committed)
         gc.collect()
-        print(R.budget_headline(R.budget_entry(cfg, step, dict(ev["res"]), ev["screen"])), flush=True)
+        print(R.budget_headline(entry), flush=True)
 
     return measure
 
@@ -198,9 +198,7 @@ def cmd_progress(a: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
-    committed = json.loads(out.read_text()) if out.is_file() else None
-    if committed is not None and committed.get("profile") != cfg["profile"]:
-        committed = None
+    committed = R.committed_progress(cfg)
     if a.check_dtype:  # the queue's first step: nothing else is read or computed
         change = R.dtype_change(cfg, committed)
         print(change or f"{cfg['profile']}: this machine computes in {cfg['model']['dtype']}, as the committed progress",
@@ -209,6 +207,8 @@ def cmd_progress(a: argparse.Namespace) -> int:
     sets = P.test_sets(cfg)
     progress = R.queue_progress(cfg, sets)
     original = R.original_rates(cfg, sets)
+    for name, v in progress.items():  # a milestone the queue carried (the same measurement, committed) is not pending
+        v["unmeasured"] = [m for m in v["unmeasured"] if R.carried_entry(cfg, name, m, sets, committed) is None]
     # a new machine's empty cache erases nothing; a committed run of another dtype is kept apart
     progress, notes = R.merge_progress(committed, progress, R.dir_dtypes(cfg, list(progress)))
     for line in notes:

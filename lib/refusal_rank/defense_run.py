@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -595,6 +595,54 @@ def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> li
         raise RuntimeError(f"{name}@{step}: the completions found read a refusal rate of {sum(labels) / len(labels):.4f}, "
                            f"the screen recorded {recorded}: not the screen's generations")
     return comps
+
+
+def committed_progress(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The profile's committed ``results/<profile>/queue_progress.json``, or None (none yet, or another
+    profile's)."""
+    from .config import results_dir
+
+    path = results_dir(cfg["profile"]) / "queue_progress.json"
+    doc = json.loads(path.read_text()) if path.is_file() else None
+    return doc if doc is not None and doc.get("profile") == cfg["profile"] else None
+
+
+def carried_entry(cfg: dict[str, Any], name: str, step: int, sets, committed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The committed budget entry of this very measurement, or None. A new machine retrains every checkpoint;
+    where a retrained snapshot is bitwise the one measured before, under the same measurement config and test
+    prompts, the committed entry is that measurement, and re-measuring it would cost about half an hour a
+    checkpoint for the same numbers. The test is one name: the entry's ``eval_file`` is the measurement's
+    cache file, whose key holds the snapshot's sha256, the seed, every config section the measurement reads
+    and the test prompts (:func:`checkpoint_eval_path`), so it equals this checkpoint's only when all of them
+    do. The entry comes back marked ``carried_from_commit``."""
+    path = checkpoint_eval_path(cfg, name, step, sets)
+    v = (((committed or {}).get("variants") or {}).get(name)) or {}
+    if path is None or v.get("dir") != path.parent.name:
+        return None
+    for e in (v.get("budget") or {}).values():
+        if e.get("eval_file") == path.name:
+            return {**e, "carried_from_commit": e.get("carried_from_commit") or committed.get("read_at_commit")}
+    return None
+
+
+def milestone_budget(cfg: dict[str, Any], name: str, step: int, sets,
+                     original: Callable[[], tuple[list[dict[str, Any]], torch.Tensor]],
+                     committed: dict[str, Any] | None = None, log=print) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One milestone's budget entry and its full measurement (:func:`checkpoint_eval`). A milestone below the
+    variant's last (whose completions no later notebook reads) that this cache has not measured takes the
+    committed entry of the same measurement where there is one (:func:`carried_entry`); the measurement is
+    then None. The last milestone is always measured here: notebooks 03-05 read its completions.
+    ``original()`` gives the original's harmless completions and log-probs, called only when measuring (so a
+    carried milestone loads no model)."""
+    path = checkpoint_eval_path(cfg, name, step, sets)
+    if step != target_step(cfg, name) and path is not None and not path.is_file():
+        carried = carried_entry(cfg, name, step, sets, committed)
+        if carried is not None:
+            log(f"{name}@{budget_label(cfg, step)}: the committed measurement (commit {carried['carried_from_commit']}) "
+                f"is of this very checkpoint and config ({path.name}): carried, not re-measured")
+            return carried, None
+    ev = checkpoint_eval(cfg, name, step, sets, *original(), log)
+    return budget_entry(cfg, step, {k: v for k, v in ev["res"].items() if k != "completions"}, ev["screen"]), ev
 
 
 def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None) -> dict[str, Any]:

@@ -172,6 +172,12 @@ show
 # val score), chosen from the 1x screens before any longer run started; on `cpu` also `ablation_aware`, the
 # one variant the K = 1 attack left above the threshold at 1x, so that the curve asks whether budget raises K
 # where K is above 1. The config's comment names them and why.
+#
+# A milestone below a variant's last that an earlier run measured on bitwise the same weights, under the same
+# measurement config and test prompts, is not measured again: the committed `results/<profile>/queue_progress.json`
+# names each measurement's cache file, whose key holds all of these, and an entry whose name matches is carried
+# from that file, marked `carried_from_commit` (`defense_run.milestone_budget`). A new machine retrains every
+# checkpoint; this keeps it from re-measuring the ones it reproduced exactly, about half an hour each.
 
 # %%
 base = load_model(cfg)
@@ -179,14 +185,15 @@ sets = P.test_sets(cfg)
 base_lp = P.logprobs_cached(cfg, base, sets.harmless, desc="base harmless")
 base_eval = P.evaluate_model(cfg, base, sets, None, None, "original")
 del base
+committed = R.committed_progress(cfg)  # a milestone below the last, measured before on these very weights, is carried
 budget, results, completions = {}, {}, {}
 for name in variants:
     budget[name] = {}
     for step in R.reached_milestones(cfg, name):  # cached: the background queue may have measured it already
-        ev = R.checkpoint_eval(cfg, name, step, sets, base_eval["completions"]["harmless"], base_lp)
-        res, screen = dict(ev["res"]), ev["screen"]
-        budget[name][R.budget_label(cfg, step)] = R.budget_entry(cfg, step, res, screen)
+        entry, ev = R.milestone_budget(cfg, name, step, sets, lambda: (base_eval["completions"]["harmless"], base_lp), committed)
+        budget[name][R.budget_label(cfg, step)] = entry
         if step == R.target_step(cfg, name):
+            res = dict(ev["res"])
             completions[name] = res.pop("completions")
             results[name] = res
 rows = []
