@@ -20,7 +20,7 @@
 #
 # Before any compute it checks that this machine computes the profile in the dtype its committed progress was
 # measured in (refusal-rank progress --check-dtype): an AVX2-only CPU resolves dtype = "auto" to float32, and a
-# queue there would retrain every variant from scratch in float32, ~10x slower, beside the committed bf16 run.
+# queue there would retrain every variant from scratch in float32, 5-10x slower, beside the committed bf16 run.
 # --allow-dtype-change starts such a separate run on purpose.
 #
 # Usage: nohup scripts/cpu_queue.sh [--profile NAME] [--from N] [--allow-dtype-change] > logs/queue.log 2>&1 &

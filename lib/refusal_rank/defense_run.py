@@ -703,8 +703,8 @@ def dtype_change(cfg: dict[str, Any], committed: dict[str, Any] | None) -> str |
     """One sentence when this machine would compute the profile in another dtype than its committed progress
     file was measured in, else None. The dtype enters every cache key: a queue started here would retrain and
     re-measure every variant from scratch in the other dtype, beside (not continuing) the committed budget
-    curve, at this CPU's speed (an AVX2-only CPU resolves ``dtype = "auto"`` to float32, about 10x slower than
-    bf16 on one with AMX). The queue asks before spending hours on that."""
+    curve, at this CPU's speed (an AVX2-only CPU resolves ``dtype = "auto"`` to float32, 5-10x slower than
+    bf16 on one with AMX at the matmul peak). The queue asks before spending hours on that."""
     was = ((committed or {}).get("original") or {}).get("dtype")
     now = cfg["model"]["dtype"]
     if was is None or was == now:
