@@ -189,15 +189,15 @@ def cmd_progress(a: argparse.Namespace) -> int:
 
     from . import defense_run as R
     from . import pipeline as P
-    from .config import ProfileError, load_config, results_dir
-    from .results import git_commit
+    from .config import ProfileError, load_config
+    from .results import git_commit, progress_path
 
     try:
         cfg = load_config(a.profile)
     except ProfileError as e:
         print(e, file=sys.stderr)
         return 2
-    out = results_dir(cfg["profile"]) / "queue_progress.json"  # results_dir creates the folder
+    out = progress_path(cfg["profile"])  # results_dir creates the folder
     committed = R.committed_progress(cfg)
     if a.check_dtype:  # the queue's first step: nothing else is read or computed
         change = R.dtype_change(cfg, committed)

@@ -600,9 +600,9 @@ def screen_k1_completions(cfg: dict[str, Any], name: str, step: int, sets) -> li
 def committed_progress(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The profile's committed ``results/<profile>/queue_progress.json``, or None (none yet, or another
     profile's)."""
-    from .config import results_dir
+    from .results import progress_path
 
-    path = results_dir(cfg["profile"]) / "queue_progress.json"
+    path = progress_path(cfg["profile"])
     doc = json.loads(path.read_text()) if path.is_file() else None
     return doc if doc is not None and doc.get("profile") == cfg["profile"] else None
 
@@ -615,7 +615,11 @@ def carried_entry(cfg: dict[str, Any], name: str, step: int, sets, committed: di
     cache file, whose key holds the snapshot's sha256, the seed, every config section the measurement reads
     and the test prompts (:func:`checkpoint_eval_path`), so it equals this checkpoint's only when all of them
     do. The entry comes back marked ``carried_from_commit``."""
-    path = checkpoint_eval_path(cfg, name, step, sets)
+    return _carried_at(checkpoint_eval_path(cfg, name, step, sets), name, committed)
+
+
+def _carried_at(path: Path | None, name: str, committed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """:func:`carried_entry` for a measurement cache path already computed (None: no verified snapshot)."""
     v = (((committed or {}).get("variants") or {}).get(name)) or {}
     if path is None or v.get("dir") != path.parent.name:
         return None
@@ -636,13 +640,13 @@ def milestone_budget(cfg: dict[str, Any], name: str, step: int, sets,
     carried milestone loads no model)."""
     path = checkpoint_eval_path(cfg, name, step, sets)
     if step != target_step(cfg, name) and path is not None and not path.is_file():
-        carried = carried_entry(cfg, name, step, sets, committed)
+        carried = _carried_at(path, name, committed)
         if carried is not None:
             log(f"{name}@{budget_label(cfg, step)}: the committed measurement (commit {carried['carried_from_commit']}) "
                 f"is of this very checkpoint and config ({path.name}): carried, not re-measured")
             return carried, None
     ev = checkpoint_eval(cfg, name, step, sets, *original(), log)
-    return budget_entry(cfg, step, {k: v for k, v in ev["res"].items() if k != "completions"}, ev["screen"]), ev
+    return budget_entry(cfg, step, ev["res"], ev["screen"]), ev
 
 
 def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -671,7 +675,7 @@ def queue_progress(cfg: dict[str, Any], sets, names: Sequence[str] | None = None
             if ev is MISSING:
                 entry["unmeasured"].append(step)
                 continue
-            e = budget_entry(cfg, step, {k: v for k, v in ev["res"].items() if k != "completions"}, ev["screen"])
+            e = budget_entry(cfg, step, ev["res"], ev["screen"])  # it keeps its own keys, never the completions
             e["snapshot_sha256"] = snapshot_digest(snapshot_path(vdir / "ckpt.pt", step))
             e["eval_file"] = path.name
             entry["budget"][budget_label(cfg, step)] = e

@@ -281,10 +281,10 @@ def render_progress(profile: str) -> str:
     """:func:`progress_table` of the committed ``queue_progress.json`` and hand labels ("" without one)."""
     import json
 
-    from .config import results_dir
     from .judge import load_labels
+    from .results import progress_path
 
-    path = results_dir(profile) / "queue_progress.json"
+    path = progress_path(profile)
     if not path.is_file():
         return ""
     return progress_table(json.loads(path.read_text()), load_labels())

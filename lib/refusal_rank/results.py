@@ -30,6 +30,11 @@ def summary_path(profile: str) -> Path:
     return results_dir(profile) / "summary.json"
 
 
+def progress_path(profile: str) -> Path:
+    """The background queue's committed progress file (``refusal-rank progress --write``)."""
+    return results_dir(profile) / "queue_progress.json"
+
+
 def read_summary(profile: str) -> dict[str, Any]:
     p = summary_path(profile)
     return json.loads(p.read_text()) if p.is_file() else {}
